@@ -1,0 +1,57 @@
+# Two commands for a fresh Linux machine:
+#   make run    set up a virtualenv and start the server (mock engines unless a model/key is configured)
+#   make test   install what the tests need (Debian + PyPI), then lint, type-check and run the whole suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# espeak-ng/sox: speech fixtures; shellcheck, systemd (systemd-analyze), nginx: checks of install.sh and service/.
+SYSTEM_PACKAGES := espeak-ng sox shellcheck systemd nginx-light
+
+.PHONY: run test venv venv-dev system-deps lint typecheck pytest bench docs clean
+
+$(VENV)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime
+	$(PIP) install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.runtime
+venv-dev: $(VENV)/.dev
+
+run: venv
+	$(PY) -m server
+
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+lint: venv-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv-dev
+	$(VENV)/bin/mypy config server stt_pool llm
+
+pytest: venv-dev
+	$(PY) -m pytest
+
+test: system-deps venv-dev lint typecheck pytest
+
+bench: venv-dev
+	$(PY) -m bench
+
+docs: venv-dev
+	$(PY) -m server.protocol_doc > docs/PROTOCOL.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

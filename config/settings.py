@@ -1,0 +1,143 @@
+"""Service settings: read once from the environment and an optional `.env` file, validated, then handed down.
+
+The environment wins over `.env`. An invalid value stops start-up with one line that names the
+variable and says what it accepts (see `load_settings`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SERVICE_NAME = "ai-dialogue-backend"
+VERSION = "1.0.0"
+
+
+class ConfigError(Exception):
+    """Raised with a one-line, human-readable explanation of the first invalid setting."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        frozen=True,
+    )
+
+    # LLM provider (OpenRouter or any OpenAI-compatible endpoint).
+    openrouter_api_key: SecretStr | None = None
+    openrouter_base_url: str = "https://openrouter.ai/api/v1"
+    openrouter_model: str = "anthropic/claude-3-haiku"
+    openrouter_temperature: float = Field(0.7, ge=0.0, le=2.0)
+    openrouter_max_tokens: int = Field(800, ge=16, le=32000)
+    openrouter_site_url: str = ""
+    openrouter_app_name: str = "AI Dialogue Assistant"
+    llm_timeout: float = Field(30.0, gt=0, le=600)
+    llm_max_retries: int = Field(2, ge=0, le=10)
+    llm_history_char_budget: int = Field(6000, ge=200, le=200_000)
+
+    # Speech recognition.
+    vosk_model_path: Path = PROJECT_ROOT / "model" / "vosk-model"
+    vosk_sample_rate: int = Field(16000, ge=8000, le=48000)
+    stt_timeout: float = Field(30.0, gt=0, le=600)
+    stt_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    stt_streams_per_worker: int = Field(4, ge=1, le=256)
+    stt_piece_ms: int = Field(100, ge=10, le=1000)
+    partial_interval_ms: int = Field(200, ge=50, le=10_000)
+    max_recording_seconds: float = Field(120.0, gt=0, le=3600)
+
+    # Audio as clients send it (documented defaults of the phone app).
+    audio_chunk_size: int = Field(4096, ge=1)
+    audio_sample_rate: int = Field(16000, ge=8000, le=48000)
+    audio_channels: int = Field(1, ge=1, le=2)
+
+    # HTTP / WebSocket server.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    debug: bool = False
+    websocket_timeout: float = Field(300.0, gt=0)
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_sessions_per_connection: int = Field(16, ge=1, le=1000)
+    runtime_dir: Path | None = None
+    metrics_token: SecretStr | None = None
+
+    # Logging.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    log_file: Path | None = None
+    log_file_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    log_file_backups: int = Field(5, ge=0, le=100)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("openrouter_api_key", "metrics_token", "log_file", "runtime_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("openrouter_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _default_runtime_dir(self) -> Settings:
+        if self.runtime_dir is None:
+            # One directory per port so that several instances (and test servers) never share sockets.
+            shm = Path("/dev/shm")
+            base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+            object.__setattr__(self, "runtime_dir", base / f"{SERVICE_NAME}-{self.port}")
+        return self
+
+    @property
+    def llm_mode(self) -> str:
+        return "openrouter" if self.openrouter_api_key else "mock"
+
+    @property
+    def stt_mode(self) -> str:
+        return "vosk" if self.vosk_model_path.is_dir() else "mock"
+
+    @property
+    def pool_dir(self) -> Path:
+        assert self.runtime_dir is not None
+        return self.runtime_dir
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    name = str(first["loc"][0]).upper() if first["loc"] else "CONFIGURATION"
+    value = first.get("input")
+    shown = "" if name in {"OPENROUTER_API_KEY", "METRICS_TOKEN"} else f" (got {value!r})"
+    return f"invalid setting {name}{shown}: {first['msg']}"
+
+
+def load_settings(env_file: str | Path | None = None) -> Settings:
+    """Build the settings once; raise ConfigError naming the first invalid variable.
+
+    The `.env` file is `ENV_FILE` if set (tests point it at their own file), else `.env` in the
+    project root.
+    """
+    if env_file is None:
+        env_file = os.environ.get("ENV_FILE") or PROJECT_ROOT / ".env"
+    try:
+        return Settings(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None

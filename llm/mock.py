@@ -1,0 +1,31 @@
+"""The labelled mock provider, used only when OPENROUTER_API_KEY is unset.
+
+Every suggestion starts with "[模拟]" so that a developer never mistakes it for a generated reply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llm.interface import ConversationContext, SuggestionProvider
+
+MOCK_OPINIONS = ("[模拟]同意", "[模拟]反对", "[模拟]再想想", "[模拟]多了解")
+MOCK_REPLY_STYLES = ("直接", "礼貌", "幽默", "反问", "简短")
+
+
+class MockProvider(SuggestionProvider):
+    mode = "mock"
+
+    async def opinions(self, context: ConversationContext) -> list[str]:
+        return list(MOCK_OPINIONS)
+
+    async def replies(self, context: ConversationContext) -> list[str]:
+        last = context.messages[-1].content if context.messages else ""
+        about = f"关于“{last[:20]}”" if last else ""
+        return [
+            f"[模拟·{style}] 这是{about}的第 {index + 1} 条示例回复（未配置 OPENROUTER_API_KEY）"
+            for index, style in enumerate(MOCK_REPLY_STYLES[: context.response_count])
+        ]
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "healthy", "mode": self.mode, "configured": False}

@@ -1,0 +1,189 @@
+"""The Sanic application: routes, listeners and the wiring of engines into the protocol.
+
+`create_app` runs in the main process and again in every Sanic worker (spawned, via AppLoader).
+The main process prepares the runtime directory and registers the STT pool supervisor with
+Sanic's worker manager; each worker builds its engines and serves WebSockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sanic import Request, Sanic, Websocket
+from sanic.response import HTTPResponse, json
+from sanic_ext import Extend, openapi
+
+from config import SERVICE_NAME, VERSION, Settings, load_settings
+from server import metrics
+from server.conversation import Conversation, Services
+from server.engines import build_provider, build_transcriber
+from server.generation import GenerationManager
+from server.logs import configure_logging
+from server.protocol import encode
+from server.sessions import SessionStore
+
+log = logging.getLogger("server.app")
+
+APP_NAME = "ai_dialogue_backend"
+App = Sanic[Any, Any]
+
+
+def _dumps(value: Any, **_: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def create_app(settings: Settings | None = None) -> App:
+    settings = settings or load_settings()
+    configure_logging(settings)
+    app = Sanic(APP_NAME, dumps=_dumps, configure_logging=False)
+    app.config.update(
+        {
+            # Frames above our own limit still arrive, so the client gets an error event instead of
+            # a closed socket; only frames far beyond it are cut by the WebSocket layer.
+            "WEBSOCKET_MAX_SIZE": settings.max_message_bytes * 4,
+            "WEBSOCKET_PING_INTERVAL": 20,
+            "WEBSOCKET_PING_TIMEOUT": 20,
+            "KEEP_ALIVE_TIMEOUT": 75,
+            "OAS_UI_DEFAULT": "swagger",
+            "OAS_URI_TO_UI": "/docs",
+            "OAS_URL_PREFIX": "/docs",
+            "CORS": False,
+            "HEALTH": False,
+        }
+    )
+    app.ctx.settings = settings
+    Extend(app, config={"oas_ui_default": "swagger"})
+    app.ext.openapi.describe(
+        "AI对话应用后端 API",
+        version=VERSION,
+        description="HTTP endpoints of the conversation backend. The WebSocket protocol on "
+        "`/conversation` is documented in docs/PROTOCOL.md.",
+    )
+    _register_listeners(app, settings)
+    _register_routes(app)
+    return app
+
+
+def _register_listeners(app: Sanic, settings: Settings) -> None:
+    @app.main_process_ready
+    async def start_stt_pool(app: App) -> None:
+        if settings.stt_mode == "vosk":
+            from stt_pool.supervisor import run_supervisor
+
+            app.manager.manage("STTPool", run_supervisor, {"settings": settings})
+
+    @app.before_server_start
+    async def start_engines(app: App) -> None:
+        transcriber = build_transcriber(settings)
+        provider = build_provider(settings)
+        await transcriber.start()
+        await provider.start()
+        app.ctx.connections = 0
+        app.ctx.services = Services(
+            sessions=SessionStore(),
+            transcriber=transcriber,
+            generations=GenerationManager(provider, settings.llm_timeout),
+            default_sample_rate=settings.vosk_sample_rate,
+            max_message_bytes=settings.max_message_bytes,
+            max_sessions_per_connection=settings.max_sessions_per_connection,
+        )
+        log.info(
+            "engines ready",
+            extra={"stt_mode": transcriber.mode, "llm_mode": provider.mode, "service": SERVICE_NAME},
+        )
+
+    @app.after_server_stop
+    async def stop_engines(app: App) -> None:
+        services: Services = app.ctx.services
+        services.generations.cancel_all()
+        await services.generations.provider.close()
+        await services.transcriber.close()
+
+
+def _register_routes(app: App) -> None:
+    settings: Settings = app.ctx.settings
+
+    @app.get("/")
+    @openapi.summary("Liveness")
+    @openapi.description("Fast liveness probe: answers as long as the process serves HTTP; no dependency checks.")
+    async def liveness(request: Request) -> HTTPResponse:
+        return json(
+            {
+                "status": "healthy",
+                "timestamp": datetime.now(UTC).isoformat(),
+                "service": "AI对话应用后端总服务",
+                "version": VERSION,
+                "description": "后端进程运行正常，各服务状态良好",
+            }
+        )
+
+    @app.get("/conversation/health")
+    @openapi.summary("Readiness")
+    @openapi.description(
+        "Readiness of the conversation service from real checks of each part, with the mode of "
+        "each engine (`vosk`/`mock`, `openrouter`/`mock`). Never contains keys."
+    )
+    async def readiness(request: Request) -> HTTPResponse:
+        services: Services = request.app.ctx.services
+        stt = services.transcriber.health()
+        llm = services.generations.provider.health()
+        loop_lag = await _loop_lag()
+        parts = {
+            "session_manager": "healthy",
+            "stt_service": stt["status"],
+            "llm_service": llm["status"],
+            "request_manager": "healthy" if loop_lag < 0.5 else "degraded",
+            "websocket_handler": "healthy",
+        }
+        overall = "healthy" if all(state == "healthy" for state in parts.values()) else "degraded"
+        return json(
+            {
+                "status": overall,
+                "timestamp": time.time(),
+                "service": "对话服务",
+                "version": VERSION,
+                "services": parts,
+                "engines": {"stt": stt, "llm": llm},
+                "stats": {
+                    "connections": request.app.ctx.connections,
+                    "sessions": len(services.sessions),
+                    "generations_running": services.generations.running,
+                    "event_loop_lag_ms": round(loop_lag * 1000, 2),
+                },
+            }
+        )
+
+    @app.websocket("/conversation")  # type: ignore[untyped-decorator]
+    @openapi.exclude()
+    async def conversation(request: Request, ws: Websocket) -> None:
+        async def send(event: dict[str, Any]) -> None:
+            await ws.send(encode(event))
+
+        conv = Conversation(request.app.ctx.services, send)
+        request.app.ctx.connections += 1
+        metrics.CONNECTIONS.inc()
+        log.info("connection opened", extra={"connection_id": conv.connection_id})
+        try:
+            while True:
+                raw = await ws.recv(timeout=settings.websocket_timeout)
+                if raw is None:
+                    log.info("connection idle, closing", extra={"connection_id": conv.connection_id})
+                    await ws.close(1000, "idle timeout")
+                    break
+                await conv.handle_frame(raw)
+        finally:
+            await conv.close()
+            request.app.ctx.connections -= 1
+            metrics.CONNECTIONS.dec()
+            log.info("connection closed", extra={"connection_id": conv.connection_id})
+
+
+async def _loop_lag() -> float:
+    started = time.perf_counter()
+    await asyncio.sleep(0)
+    return time.perf_counter() - started

@@ -1,0 +1,295 @@
+"""The `/conversation` state machine for one WebSocket connection.
+
+One handler per client event, each reading like its sequence in PROTOCOL.md. The dispatcher
+validates the frame, resolves the session (only sessions this connection owns) and turns every
+`ProtocolError` into one `error` event; the connection stays open whatever the client sends.
+The handler does not know how audio reaches Vosk: it talks to a `Transcriber`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from server import metrics
+from server.audio import decode_chunk
+from server.generation import GenerationManager, Kind
+from server.protocol import (
+    AudioStream,
+    ConversationEnd,
+    ConversationStart,
+    ErrorCode,
+    Event,
+    ManualGenerate,
+    MessageEnd,
+    MessageStart,
+    ProtocolError,
+    ResponseCountUpdate,
+    ScenarioSupplement,
+    SessionEvent,
+    UserModification,
+    UserSelectedResponse,
+    error_event,
+    message_recorded_event,
+    parse_client_event,
+    session_created_event,
+    status_update_event,
+    transcript_partial_event,
+)
+from server.sessions import Session, SessionStore
+from stt_pool.errors import AudioTooLong, SampleRateChanged, SttError, SttOverloaded, SttTimeout
+from stt_pool.interface import Transcriber, TranscriptStream
+
+log = logging.getLogger("server.conversation")
+
+Send = Callable[[Event], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Recording:
+    sender: str
+    stream: TranscriptStream
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What every connection of a worker shares."""
+
+    sessions: SessionStore
+    transcriber: Transcriber
+    generations: GenerationManager
+    default_sample_rate: int
+    max_message_bytes: int
+    max_sessions_per_connection: int
+
+
+class Conversation:
+    """Protocol state of one connection: the sessions it owns and their open recordings."""
+
+    def __init__(self, services: Services, send: Send) -> None:
+        self.services = services
+        self.connection_id = uuid.uuid4().hex
+        self._send = send
+        self.recordings: dict[str, Recording] = {}
+        self._handlers: dict[str, Callable[[Any], Awaitable[None]]] = {
+            "conversation_start": self.on_conversation_start,
+        }
+        self._session_handlers: dict[str, Callable[[Session, Any], Awaitable[None]]] = {
+            "message_start": self.on_message_start,
+            "audio_stream": self.on_audio_stream,
+            "message_end": self.on_message_end,
+            "manual_generate": self.on_manual_generate,
+            "user_modification": self.on_user_modification,
+            "user_selected_response": self.on_user_selected_response,
+            "scenario_supplement": self.on_scenario_supplement,
+            "response_count_update": self.on_response_count_update,
+            "conversation_end": self.on_conversation_end,
+        }
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def send(self, event: Event) -> None:
+        if event["type"] == "error":
+            metrics.ERRORS.labels(event["data"]["error_code"]).inc()
+        try:
+            await self._send(event)
+        except Exception as error:  # the peer went away; the session's state is already recorded
+            log.info("send failed", extra={"connection_id": self.connection_id, "error": type(error).__name__})
+
+    async def handle_frame(self, raw: str | bytes) -> None:
+        """Handle one client frame; every failure becomes an `error` event."""
+        session_id: str | None = None
+        try:
+            if len(raw) > self.services.max_message_bytes:
+                raise ProtocolError(
+                    ErrorCode.INVALID_EVENT_DATA,
+                    "事件数据无效：消息过大，请把音频分成更小的片段发送",
+                    details={"bytes": len(raw), "limit": self.services.max_message_bytes},
+                )
+            event_type, data = parse_client_event(raw)
+            metrics.EVENTS.labels(event_type).inc()
+            if isinstance(data, SessionEvent):
+                session_id = data.session_id
+                session = self.services.sessions.get(data.session_id, self.connection_id)
+                await self._session_handlers[event_type](session, data)
+            else:
+                await self._handlers[event_type](data)
+        except ProtocolError as error:
+            if error.session_id is None:
+                error.session_id = session_id
+            log.info(
+                "client error",
+                extra={
+                    "session_id": error.session_id,
+                    "error_code": error.code.value,
+                    "connection_id": self.connection_id,
+                },
+            )
+            await self.send(error_event(error))
+        except Exception:
+            log.exception("internal error", extra={"session_id": session_id, "connection_id": self.connection_id})
+            await self.send(error_event(ProtocolError(ErrorCode.INTERNAL_ERROR, session_id=session_id)))
+
+    async def close(self) -> None:
+        """The connection is gone: cancel its work, drop its recordings and sessions."""
+        for session_id in self.services.sessions.owned_by(self.connection_id):
+            await self._end_session(session_id)
+        self.services.sessions.forget_owner(self.connection_id)
+
+    async def _end_session(self, session_id: str) -> None:
+        self.services.generations.cancel(session_id)
+        recording = self.recordings.pop(session_id, None)
+        if recording is not None:
+            metrics.RECORDINGS.dec()
+            await recording.stream.abort()
+        self.services.sessions.end(session_id)
+        metrics.SESSIONS.dec()
+
+    def _generate(self, kind: Kind, session: Session, **context: Any) -> None:
+        self.services.generations.start(kind, session.context(**context), self.send)
+
+    # -- client events ------------------------------------------------------------------------
+
+    async def on_conversation_start(self, data: ConversationStart) -> None:
+        if len(self.services.sessions.owned_by(self.connection_id)) >= self.services.max_sessions_per_connection:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                "本连接的会话数已达上限，请先结束不再使用的会话",
+                details={"limit": self.services.max_sessions_per_connection},
+            )
+        session = self.services.sessions.create(self.connection_id, data.response_count, data.scenario_description)
+        session.partial_transcripts = data.options.partial_transcripts
+        for message in data.history_messages:
+            session.add_message(message.sender, message.content, "history", message.message_id)
+        metrics.SESSIONS.inc()
+        log.info("session created", extra={"session_id": session.session_id, "connection_id": self.connection_id})
+        await self.send(session_created_event(session.session_id))
+        if session.has_context:
+            self._generate(Kind.OPINIONS, session)
+
+    async def on_message_start(self, session: Session, data: MessageStart) -> None:
+        self.services.generations.cancel(session.session_id)
+        previous = self.recordings.get(session.session_id)
+        if previous is not None and previous.stream.received_bytes:
+            # A second message_start without message_end: the earlier recording is kept, not lost.
+            await self._record_transcript(session)
+        elif previous is not None:
+            del self.recordings[session.session_id]
+            metrics.RECORDINGS.dec()
+            await previous.stream.abort()
+        on_partial = self._partial_sender(session.session_id) if session.partial_transcripts else None
+        try:
+            stream = await self.services.transcriber.open_stream(on_partial)
+        except SttOverloaded:
+            raise ProtocolError(ErrorCode.STT_OVERLOADED, session_id=session.session_id) from None
+        except SttError as error:
+            log.warning("stt open failed", extra={"session_id": session.session_id, "error": str(error)})
+            raise ProtocolError(ErrorCode.STT_SERVICE_ERROR, session_id=session.session_id) from None
+        self.recordings[session.session_id] = Recording(data.sender, stream)
+        metrics.RECORDINGS.inc()
+        await self.send(status_update_event(session.session_id, "recording_message"))
+
+    def _partial_sender(self, session_id: str) -> Callable[[str], Awaitable[None]]:
+        async def send_partial(text: str) -> None:
+            if session_id in self.recordings:
+                await self.send(transcript_partial_event(session_id, text))
+
+        return send_partial
+
+    def _open_recording(self, session: Session) -> Recording:
+        recording = self.recordings.get(session.session_id)
+        if recording is None:
+            raise ProtocolError(ErrorCode.NO_ACTIVE_MESSAGE, session_id=session.session_id)
+        return recording
+
+    async def on_audio_stream(self, session: Session, data: AudioStream) -> None:
+        recording = self._open_recording(session)
+        pcm, sample_rate = decode_chunk(data, self.services.default_sample_rate)
+        before = recording.stream.received_bytes
+        try:
+            await recording.stream.append(pcm, sample_rate)
+        except AudioTooLong:
+            raise ProtocolError(
+                ErrorCode.AUDIO_TOO_LONG,
+                session_id=session.session_id,
+                details={"max_seconds": recording.stream.max_seconds},
+            ) from None
+        except SampleRateChanged:
+            raise ProtocolError(
+                ErrorCode.INVALID_EVENT_DATA,
+                "音频数据无效：同一条消息中采样率不能改变",
+                session_id=session.session_id,
+                details={"field": "sample_rate", "expected": recording.stream.sample_rate},
+            ) from None
+        except SttError as error:
+            log.warning("stt append failed", extra={"session_id": session.session_id, "error": str(error)})
+            raise ProtocolError(ErrorCode.STT_SERVICE_ERROR, session_id=session.session_id) from None
+        finally:
+            added = recording.stream.received_bytes - before
+            metrics.AUDIO_RECEIVED.inc(added / (2 * recording.stream.sample_rate))
+
+    async def on_message_end(self, session: Session, data: MessageEnd) -> None:
+        self._open_recording(session)
+        await self.send(status_update_event(session.session_id, "processing_stt"))
+        await self._record_transcript(session)
+        await self.send(status_update_event(session.session_id, "generating_opinions"))
+        self._generate(Kind.OPINIONS, session)
+
+    async def _record_transcript(self, session: Session) -> None:
+        """Finish the open recording and record its text. On failure the recording stays open."""
+        recording = self.recordings[session.session_id]
+        started = time.perf_counter()
+        try:
+            text = await recording.stream.finish()
+        except SttTimeout:
+            raise ProtocolError(ErrorCode.SERVICE_TIMEOUT, "语音识别超时，录音已保留，请重新发送 message_end") from None
+        except SttError as error:
+            log.warning("stt finish failed", extra={"session_id": session.session_id, "error": str(error)})
+            raise ProtocolError(
+                ErrorCode.STT_SERVICE_ERROR, "语音识别出错，录音已保留，请重新发送 message_end"
+            ) from None
+        metrics.STT_FINAL_LATENCY.observe(time.perf_counter() - started)
+        metrics.AUDIO_DECODED.inc(recording.stream.seconds)
+        del self.recordings[session.session_id]
+        metrics.RECORDINGS.dec()
+        message = session.add_message(recording.sender, text, "recorded")
+        log.info(
+            "message recorded",
+            extra={
+                "session_id": session.session_id,
+                "message_id": message.message_id,
+                "seconds": recording.stream.seconds,
+            },
+        )
+        await self.send(message_recorded_event(session.session_id, message.message_id, text, recording.sender))
+
+    async def on_manual_generate(self, session: Session, data: ManualGenerate) -> None:
+        session.last_focus = list(data.focused_message_ids)
+        session.last_opinion = data.user_opinion
+        await self._generate_replies(session)
+
+    async def on_user_modification(self, session: Session, data: UserModification) -> None:
+        session.modifications.append(data.modification)
+        await self._generate_replies(session)
+
+    async def _generate_replies(self, session: Session) -> None:
+        await self.send(status_update_event(session.session_id, "generating_response"))
+        self._generate(Kind.REPLIES, session, focused=tuple(session.last_focus), opinion=session.last_opinion)
+
+    async def on_user_selected_response(self, session: Session, data: UserSelectedResponse) -> None:
+        message = session.add_message(data.sender, data.selected_content, "selected")
+        await self.send(message_recorded_event(session.session_id, message.message_id, message.content, data.sender))
+
+    async def on_scenario_supplement(self, session: Session, data: ScenarioSupplement) -> None:
+        session.scenario_supplement = data.supplement
+
+    async def on_response_count_update(self, session: Session, data: ResponseCountUpdate) -> None:
+        session.response_count = data.response_count
+
+    async def on_conversation_end(self, session: Session, data: ConversationEnd) -> None:
+        log.info("session ended", extra={"session_id": session.session_id, "connection_id": self.connection_id})
+        await self._end_session(session.session_id)

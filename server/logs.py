@@ -1,0 +1,107 @@
+"""Structured logging: one JSON line (or one text line) per event that matters.
+
+Extra fields passed with `extra={...}` (session_id, request_id, ...) become JSON keys. Every
+configured secret is redacted from every line, whatever logged it, so a key pasted into an
+exception message by a library still never reaches journald or the log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from config import Settings
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+REDACTED = "[REDACTED]"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "pid": record.process,
+        }
+        line.update({key: value for key, value in record.__dict__.items() if key not in _STANDARD})
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        extras = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD)
+        text = super().format(record)
+        return f"{text} {extras}" if extras else text
+
+
+class RedactSecrets(logging.Filter):
+    """Replace every configured secret in the formatted line (applied at the handler)."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self.secrets = [secret for secret in secrets if len(secret) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        message = record.getMessage()
+        extras = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+        for secret in self.secrets:
+            message = message.replace(secret, REDACTED)
+            extras = {k: str(v).replace(secret, REDACTED) if secret in str(v) else v for k, v in extras.items()}
+        record.msg, record.args = message, ()
+        record.__dict__.update(extras)
+        if record.exc_info:
+            text = logging.Formatter().formatException(record.exc_info)
+            for secret in self.secrets:
+                text = text.replace(secret, REDACTED)
+            record.exc_info, record.exc_text = None, text
+        return True
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    values = [settings.openrouter_api_key, settings.metrics_token]
+    return [value.get_secret_value() for value in values if value is not None]
+
+
+def configure_logging(settings: Settings) -> None:
+    """Route every logger (ours and Sanic's) through one handler per destination."""
+    formatter: logging.Formatter = JsonFormatter() if settings.log_format == "json" else TextFormatter()
+    redact = RedactSecrets(secrets_of(settings))
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if settings.log_file is not None:
+        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(
+            logging.handlers.RotatingFileHandler(
+                settings.log_file,
+                maxBytes=settings.log_file_max_bytes,
+                backupCount=settings.log_file_backups,
+                encoding="utf-8",
+            )
+        )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(redact)
+        root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    for name in ("sanic.root", "sanic.error", "sanic.server", "sanic.websockets"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.getLogger("sanic.access").setLevel(logging.WARNING)

@@ -1,0 +1,296 @@
+"""The `/conversation` protocol, declared once.
+
+Client events are pydantic models: `parse_client_event` validates a raw frame against them and
+`docs/PROTOCOL.md` is generated from them (`python -m server.protocol_doc`). Server events are
+built only through the `*_event` helpers at the bottom, so their shapes live here too.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+
+class ErrorCode(StrEnum):
+    INVALID_EVENT_TYPE = "INVALID_EVENT_TYPE"
+    INVALID_EVENT_DATA = "INVALID_EVENT_DATA"
+    MISSING_REQUIRED_FIELD = "MISSING_REQUIRED_FIELD"
+    SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
+    SESSION_EXPIRED = "SESSION_EXPIRED"
+    NO_ACTIVE_MESSAGE = "NO_ACTIVE_MESSAGE"
+    AUDIO_TOO_LONG = "AUDIO_TOO_LONG"
+    STT_SERVICE_ERROR = "STT_SERVICE_ERROR"
+    STT_OVERLOADED = "STT_OVERLOADED"
+    LLM_SERVICE_ERROR = "LLM_SERVICE_ERROR"
+    SERVICE_TIMEOUT = "SERVICE_TIMEOUT"
+    RATE_LIMITED = "RATE_LIMITED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+ERROR_MESSAGES: dict[ErrorCode, str] = {
+    ErrorCode.INVALID_EVENT_TYPE: "未知的事件类型，请检查 type 字段",
+    ErrorCode.INVALID_EVENT_DATA: "事件数据无效，请检查字段的类型和取值",
+    ErrorCode.MISSING_REQUIRED_FIELD: "缺少必需的 data 对象",
+    ErrorCode.SESSION_NOT_FOUND: "会话不存在，请先发送 conversation_start 创建会话",
+    ErrorCode.SESSION_EXPIRED: "会话已结束，请重新开始对话",
+    ErrorCode.NO_ACTIVE_MESSAGE: "当前没有正在录制的消息，请先发送 message_start",
+    ErrorCode.AUDIO_TOO_LONG: "录音超过最长时长，已保留此前的录音，请结束本条消息",
+    ErrorCode.STT_SERVICE_ERROR: "语音识别服务出错，请稍后重试",
+    ErrorCode.STT_OVERLOADED: "语音识别服务繁忙，请稍后再试",
+    ErrorCode.LLM_SERVICE_ERROR: "回复生成服务暂时不可用，请稍后重试或直接输入回复",
+    ErrorCode.SERVICE_TIMEOUT: "服务响应超时，请稍后重试",
+    ErrorCode.RATE_LIMITED: "请求过于频繁，请稍后再试",
+    ErrorCode.INTERNAL_ERROR: "服务器内部错误，请稍后重试",
+}
+
+
+class ProtocolError(Exception):
+    """A failure the client is told about through an `error` event; the connection stays open."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str | None = None,
+        *,
+        session_id: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(code.value)
+        self.code = code
+        self.message = message or ERROR_MESSAGES[code]
+        self.session_id = session_id
+        self.details = details
+
+
+# ---------------------------------------------------------------------------------------------
+# Client -> server
+
+RequiredText = Annotated[str, StringConstraints(min_length=1, strict=True)]
+ResponseCount = Annotated[int, Field(ge=1, le=5, strict=True)]
+
+
+class _EventData(BaseModel):
+    # Real clients send extra fields (duration, format, ...): they are ignored, never rejected.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class SessionOptions(_EventData):
+    """Opt-in extensions, sent as `conversation_start.data.options`. Unknown options are ignored."""
+
+    partial_transcripts: bool = Field(
+        False,
+        description="Receive `transcript_partial` events (live captions) while a message is recorded, "
+        "at most one per `PARTIAL_INTERVAL_MS` (default 200 ms).",
+    )
+
+
+class HistoryMessage(_EventData):
+    message_id: RequiredText
+    sender: RequiredText
+    content: RequiredText
+
+
+class ConversationStart(_EventData):
+    """Creates a session."""
+
+    response_count: ResponseCount
+    scenario_description: Annotated[str, Field(strict=True)] = ""
+    history_messages: list[HistoryMessage] = Field(default_factory=list)
+    options: SessionOptions = Field(default_factory=SessionOptions)
+
+
+class SessionEvent(_EventData):
+    session_id: RequiredText
+
+
+class MessageStart(SessionEvent):
+    """Cancels the session's running generations and opens a recording for `sender`."""
+
+    sender: RequiredText
+
+
+class AudioStream(SessionEvent):
+    """Appends base64 PCM (s16le) to the open recording."""
+
+    audio_chunk: RequiredText
+    format: str | None = Field(None, description="PCM only: pcm, pcm16, pcm_s16le, s16le, raw, linear16")
+    sample_rate: Annotated[int, Field(ge=8000, le=48000)] | None = None
+    channels: Annotated[int, Field(ge=1, le=2)] | None = None
+
+
+class MessageEnd(SessionEvent):
+    """Closes the recording, finishes the transcription and records the message."""
+
+
+class ManualGenerate(SessionEvent):
+    """Generates `response_count` replies now (cancels a running opinion generation)."""
+
+    focused_message_ids: list[RequiredText] = Field(default_factory=list)
+    user_opinion: Annotated[str, Field(strict=True)] = ""
+
+
+class UserModification(SessionEvent):
+    """Stores a modification (they accumulate) and regenerates the replies."""
+
+    modification: RequiredText
+
+
+class UserSelectedResponse(SessionEvent):
+    """Records the reply the user chose."""
+
+    selected_content: RequiredText
+    sender: RequiredText
+
+
+class ScenarioSupplement(SessionEvent):
+    """Replaces the scenario supplement (the original description is kept)."""
+
+    supplement: RequiredText
+
+
+class ResponseCountUpdate(SessionEvent):
+    """Changes how many replies later generations return."""
+
+    response_count: ResponseCount
+
+
+class ConversationEnd(SessionEvent):
+    """Cancels the session's work and ends the session."""
+
+
+CLIENT_EVENTS: dict[str, type[_EventData]] = {
+    "conversation_start": ConversationStart,
+    "message_start": MessageStart,
+    "audio_stream": AudioStream,
+    "message_end": MessageEnd,
+    "manual_generate": ManualGenerate,
+    "user_modification": UserModification,
+    "user_selected_response": UserSelectedResponse,
+    "scenario_supplement": ScenarioSupplement,
+    "response_count_update": ResponseCountUpdate,
+    "conversation_end": ConversationEnd,
+}
+
+PCM_FORMATS = frozenset({"pcm", "pcm16", "pcm_s16le", "s16le", "raw", "linear16", "l16", "pcm16le"})
+
+
+def _field_path(location: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in location) or "data"
+
+
+def _invalid_data(error: ValidationError, session_id: str | None) -> ProtocolError:
+    first = error.errors()[0]
+    field = _field_path(first["loc"])
+    kind = first["type"]
+    if kind == "missing":
+        reason = f"缺少必需字段 {field}"
+    elif kind in {"string_too_short", "too_short"}:
+        reason = f"字段 {field} 不能为空"
+    elif kind in {"greater_than_equal", "less_than_equal"}:
+        reason = f"字段 {field} 超出允许范围"
+    else:
+        reason = f"字段 {field} 的类型或取值无效"
+    return ProtocolError(
+        ErrorCode.INVALID_EVENT_DATA,
+        f"事件数据无效：{reason}",
+        session_id=session_id,
+        details={"field": field, "reason": kind},
+    )
+
+
+def parse_client_event(raw: str | bytes) -> tuple[str, _EventData]:
+    """Validate one client frame; raise ProtocolError with the protocol's error code."""
+    try:
+        frame = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ProtocolError(ErrorCode.INVALID_EVENT_DATA, "事件数据无效：不是合法的 JSON") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError(ErrorCode.INVALID_EVENT_DATA, "事件数据无效：消息必须是 JSON 对象")
+    event_type = frame.get("type")
+    model = CLIENT_EVENTS.get(event_type) if isinstance(event_type, str) else None
+    if model is None:
+        raise ProtocolError(
+            ErrorCode.INVALID_EVENT_TYPE,
+            details={"type": str(event_type)[:64], "accepted": sorted(CLIENT_EVENTS)},
+        )
+    data = frame.get("data")
+    if data is None:
+        raise ProtocolError(ErrorCode.MISSING_REQUIRED_FIELD, details={"field": "data"})
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID_EVENT_DATA, "事件数据无效：data 必须是 JSON 对象")
+    session_id = data.get("session_id") if isinstance(data.get("session_id"), str) else None
+    try:
+        return event_type, model.model_validate(data)
+    except ValidationError as error:
+        raise _invalid_data(error, session_id) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Server -> client
+
+Status = Literal["idle", "recording_message", "processing_stt", "generating_opinions", "generating_response"]
+
+STATUS_MESSAGES: dict[str, str] = {
+    "idle": "空闲",
+    "recording_message": "正在录音",
+    "processing_stt": "正在识别语音",
+    "generating_opinions": "正在生成观点建议",
+    "generating_response": "正在生成回复建议",
+}
+
+SERVER_EVENTS: dict[str, str] = {
+    "session_created": "`session_id`",
+    "message_recorded": "`session_id`, `message_id`, `content`, `sender`",
+    "opinion_suggestions": "`session_id`, `suggestions` (3-5 keywords), `request_id`",
+    "llm_response": "`session_id`, `suggestions` (exactly `response_count`), `request_id`",
+    "status_update": "`session_id`, `status`, `message`",
+    "error": "`session_id?`, `error_code`, `message`, `details?`",
+    "transcript_partial": "`session_id`, `text` (opt-in: `options.partial_transcripts`)",
+}
+
+Event = dict[str, Any]
+
+
+def encode(event: Event) -> str:
+    # orjson writes non-ASCII text unescaped, as the protocol requires.
+    return orjson.dumps(event).decode()
+
+
+def session_created_event(session_id: str) -> Event:
+    return {"type": "session_created", "data": {"session_id": session_id}}
+
+
+def message_recorded_event(session_id: str, message_id: str, content: str, sender: str) -> Event:
+    data = {"session_id": session_id, "message_id": message_id, "content": content, "sender": sender}
+    return {"type": "message_recorded", "data": data}
+
+
+def opinion_suggestions_event(session_id: str, suggestions: list[str], request_id: str) -> Event:
+    data = {"session_id": session_id, "suggestions": suggestions, "request_id": request_id}
+    return {"type": "opinion_suggestions", "data": data}
+
+
+def llm_response_event(session_id: str, suggestions: list[str], request_id: str) -> Event:
+    data = {"session_id": session_id, "suggestions": suggestions, "request_id": request_id}
+    return {"type": "llm_response", "data": data}
+
+
+def status_update_event(session_id: str, status: Status) -> Event:
+    data = {"session_id": session_id, "status": status, "message": STATUS_MESSAGES[status]}
+    return {"type": "status_update", "data": data}
+
+
+def transcript_partial_event(session_id: str, text: str) -> Event:
+    return {"type": "transcript_partial", "data": {"session_id": session_id, "text": text}}
+
+
+def error_event(error: ProtocolError) -> Event:
+    data: dict[str, Any] = {"error_code": error.code.value, "message": error.message}
+    if error.session_id:
+        data["session_id"] = error.session_id
+    if error.details:
+        data["details"] = error.details
+    return {"type": "error", "data": data}

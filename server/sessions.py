@@ -1,0 +1,110 @@
+"""Sessions as plain data, and the store that knows which connection owns which session.
+
+A `Session` holds no tasks, sockets or streams, only what the conversation is, so a later store
+can persist it and resume it across reconnects and restarts. Runtime state (open recordings,
+running generations) lives with the connection and the generation manager.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from llm.interface import ContextMessage, ConversationContext
+from server.protocol import ErrorCode, ProtocolError
+
+MessageKind = Literal["history", "recorded", "selected"]
+ID_PREFIX: dict[MessageKind, str] = {"recorded": "msg", "selected": "usr", "history": "msg"}
+
+
+@dataclass(slots=True)
+class Message:
+    message_id: str
+    sender: str
+    content: str
+    kind: MessageKind
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass(slots=True)
+class Session:
+    session_id: str
+    response_count: int
+    scenario_description: str = ""
+    scenario_supplement: str = ""
+    messages: list[Message] = field(default_factory=list)
+    modifications: list[str] = field(default_factory=list)
+    partial_transcripts: bool = False
+    last_focus: list[str] = field(default_factory=list)
+    last_opinion: str = ""
+    created_at: float = field(default_factory=time.time)
+    last_active: float = field(default_factory=time.time)
+
+    def add_message(self, sender: str, content: str, kind: MessageKind, message_id: str = "") -> Message:
+        """Append a message; new ids are `msg_NNN`/`usr_NNN` with NNN its 1-based position."""
+        position = len(self.messages) + 1
+        message = Message(message_id or f"{ID_PREFIX[kind]}_{position:03d}", sender, content, kind)
+        self.messages.append(message)
+        return message
+
+    @property
+    def has_context(self) -> bool:
+        return bool(self.messages or self.scenario_description)
+
+    def context(self, *, focused: tuple[str, ...] = (), opinion: str = "", request_id: str = "") -> ConversationContext:
+        return ConversationContext(
+            scenario_description=self.scenario_description,
+            scenario_supplement=self.scenario_supplement,
+            messages=tuple(ContextMessage(m.message_id, m.sender, m.content) for m in self.messages),
+            focused_message_ids=focused,
+            user_opinion=opinion,
+            modifications=tuple(self.modifications),
+            response_count=self.response_count,
+            session_id=self.session_id,
+            request_id=request_id,
+        )
+
+
+class SessionStore:
+    """In-memory sessions of one worker, each owned by exactly one connection."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._owners: dict[str, str] = {}
+        self._ended: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def create(self, owner: str, response_count: int, scenario_description: str = "") -> Session:
+        session = Session(str(uuid.uuid4()), response_count, scenario_description)
+        self._sessions[session.session_id] = session
+        self._owners[session.session_id] = owner
+        return session
+
+    def get(self, session_id: str, owner: str) -> Session:
+        """The session if `owner` owns it; another connection's session is reported as not found."""
+        if self._owners.get(session_id) == owner:
+            session = self._sessions[session_id]
+            session.last_active = time.time()
+            return session
+        if self._ended.get(session_id) == owner:
+            raise ProtocolError(ErrorCode.SESSION_EXPIRED, session_id=session_id)
+        raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, session_id=session_id)
+
+    def end(self, session_id: str) -> None:
+        owner = self._owners.pop(session_id, None)
+        self._sessions.pop(session_id, None)
+        if owner is not None:
+            self._ended[session_id] = owner
+
+    def owned_by(self, owner: str) -> list[str]:
+        return [sid for sid, who in self._owners.items() if who == owner]
+
+    def forget_owner(self, owner: str) -> None:
+        """Drop everything a closed connection owned, ended sessions included."""
+        for session_id in self.owned_by(owner):
+            self.end(session_id)
+        self._ended = {sid: who for sid, who in self._ended.items() if who != owner}

@@ -1,0 +1,114 @@
+"""Run the real service (`python -m server`) as a subprocess on a free port, as a user would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+class ServerProcess:
+    """`with ServerProcess(VOSK_MODEL_PATH=...) as server:` starts, waits until ready, stops."""
+
+    def __init__(self, wait_for_stt: bool = True, **env: Any) -> None:
+        self.port = int(env.pop("PORT", 0)) or free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="adb-test-"))
+        self.log_path = self.workdir / "server.log"
+        self.env = {
+            **os.environ,
+            "ENV_FILE": os.devnull,
+            "PORT": str(self.port),
+            "HOST": "127.0.0.1",
+            "RUNTIME_DIR": str(self.workdir / "run"),
+            "VOSK_MODEL_PATH": str(self.workdir / "no-model"),
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "INFO",
+            "STT_WORKERS": "1",
+        }
+        self.env.pop("OPENROUTER_API_KEY", None)
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.env.update({key: str(value) for key, value in env.items()})
+        self.wait_for_stt = wait_for_stt
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/conversation"
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
+            try:
+                status, body = http_get(self.base_url + "/conversation/health", timeout=1.0)
+            except OSError:
+                time.sleep(0.1)
+                continue
+            if status == 200 and (not self.wait_for_stt or orjson.loads(body)["services"]["stt_service"] == "healthy"):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"server not ready in {timeout}s:\n{self.logs()[-4000:]}")
+
+    def health(self) -> dict[str, Any]:
+        status, body = http_get(self.base_url + "/conversation/health")
+        assert status == 200, body
+        result: dict[str, Any] = orjson.loads(body)
+        return result
+
+    def logs(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def log_records(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.logs().splitlines() if line.startswith("{")]
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
