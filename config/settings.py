@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     llm_timeout: float = Field(30.0, gt=0, le=600)
     llm_max_retries: int = Field(2, ge=0, le=10)
     llm_history_char_budget: int = Field(6000, ge=200, le=200_000)
+    # Latency of the mock provider, so front-end developers can see the loading states without a key.
+    mock_llm_delay_ms: int = Field(0, ge=0, le=600_000)
 
     # Speech recognition.
     vosk_model_path: Path = PROJECT_ROOT / "model" / "vosk-model"
@@ -138,6 +140,6 @@ def load_settings(env_file: str | Path | None = None) -> Settings:
     if env_file is None:
         env_file = os.environ.get("ENV_FILE") or PROJECT_ROOT / ".env"
     try:
-        return Settings(_env_file=env_file)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file)
     except ValidationError as error:
         raise ConfigError(_describe(error)) from None

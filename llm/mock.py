@@ -5,6 +5,7 @@ Every suggestion starts with "[模拟]" so that a developer never mistakes it fo
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from llm.interface import ConversationContext, SuggestionProvider
@@ -16,10 +17,15 @@ MOCK_REPLY_STYLES = ("直接", "礼貌", "幽默", "反问", "简短")
 class MockProvider(SuggestionProvider):
     mode = "mock"
 
+    def __init__(self, delay_seconds: float = 0.0) -> None:
+        self.delay_seconds = delay_seconds
+
     async def opinions(self, context: ConversationContext) -> list[str]:
+        await asyncio.sleep(self.delay_seconds)
         return list(MOCK_OPINIONS)
 
     async def replies(self, context: ConversationContext) -> list[str]:
+        await asyncio.sleep(self.delay_seconds)
         last = context.messages[-1].content if context.messages else ""
         about = f"关于“{last[:20]}”" if last else ""
         return [

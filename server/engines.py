@@ -22,4 +22,4 @@ def build_provider(settings: Settings) -> SuggestionProvider:
         from llm.openrouter import OpenRouterProvider
 
         return OpenRouterProvider.from_settings(settings)
-    return MockProvider()
+    return MockProvider(settings.mock_llm_delay_ms / 1000)
