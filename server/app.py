@@ -23,7 +23,7 @@ from server import metrics
 from server.conversation import Conversation, Services
 from server.engines import build_provider, build_transcriber
 from server.generation import GenerationManager
-from server.logs import configure_logging
+from config.logs import configure_logging
 from server.protocol import encode
 from server.sessions import SessionStore
 

@@ -42,7 +42,7 @@ from server.protocol import (
 )
 from server.sessions import Session, SessionStore
 from stt_pool.errors import AudioTooLong, SampleRateChanged, SttError, SttOverloaded, SttTimeout
-from stt_pool.interface import Transcriber, TranscriptStream
+from stt_pool.interface import PartialCallback, Transcriber, TranscriptStream
 
 log = logging.getLogger("server.conversation")
 
@@ -193,7 +193,7 @@ class Conversation:
         metrics.RECORDINGS.inc()
         await self.send(status_update_event(session.session_id, "recording_message"))
 
-    def _partial_sender(self, session_id: str) -> Callable[[str], Awaitable[None]]:
+    def _partial_sender(self, session_id: str) -> PartialCallback:
         async def send_partial(text: str) -> None:
             if session_id in self.recordings:
                 await self.send(transcript_partial_event(session_id, text))
@@ -254,6 +254,8 @@ class Conversation:
             ) from None
         metrics.STT_FINAL_LATENCY.observe(time.perf_counter() - started)
         metrics.AUDIO_DECODED.inc(recording.stream.seconds)
+        if recording.stream.decode_cpu_seconds is not None and recording.stream.seconds > 0:
+            metrics.STT_RTF.observe(recording.stream.decode_cpu_seconds / recording.stream.seconds)
         del self.recordings[session.session_id]
         metrics.RECORDINGS.dec()
         message = session.add_message(recording.sender, text, "recorded")

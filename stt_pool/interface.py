@@ -8,12 +8,12 @@ its final text is delivered.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from stt_pool.errors import AudioTooLong, SampleRateChanged
 
-PartialCallback = Callable[[str], Awaitable[None]]
+PartialCallback = Callable[[str], Coroutine[Any, Any, None]]
 
 
 class TranscriptStream(ABC):
@@ -24,6 +24,8 @@ class TranscriptStream(ABC):
         self.sample_rate = sample_rate
         self.max_seconds = max_seconds
         self.received_bytes = 0
+        # CPU time the decoder spent on this recording, when the engine reports it (real-time factor).
+        self.decode_cpu_seconds: float | None = None
 
     @property
     def seconds(self) -> float:

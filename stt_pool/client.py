@@ -1,0 +1,312 @@
+"""The pool as seen from a Sanic worker: the `Transcriber` that streams recordings to Vosk.
+
+Each Sanic worker connects to every decoding process over its Unix socket. A recording's PCM is
+written into a shared-memory buffer; only control records (stream id, offset, length) cross the
+socket. The buffer is kept until the final transcript arrives, so when a decoding process dies
+(its socket closes) every stream it held is opened again on a live process, which decodes the
+same buffer from the start: the client still gets its transcript.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from config import Settings
+from stt_pool.buffers import PcmWriter, buffer_path, capacity_for
+from stt_pool.errors import SttError, SttOverloaded, SttTimeout
+from stt_pool.interface import PartialCallback, Transcriber, TranscriptStream
+from stt_pool.status import PoolState, PoolStatus, SlotState
+from stt_pool.supervisor import buffer_dir, socket_path
+from stt_pool.wire import HEADER, Record, pack
+
+log = logging.getLogger("stt_pool.client")
+
+RECONNECT_INTERVAL = 0.1
+OPEN_REPLY_TIMEOUT = 5.0
+
+
+class DecoderLink:
+    """This worker's connection to one decoding process (slot `index`)."""
+
+    def __init__(self, index: int, path: Path) -> None:
+        self.index = index
+        self.path = path
+        self.writer: asyncio.StreamWriter | None = None
+        self.reader_task: asyncio.Task[None] | None = None
+        self.streams: dict[str, PoolStream] = {}
+        self.pending_opens: dict[str, asyncio.Future[Record]] = {}
+
+    @property
+    def alive(self) -> bool:
+        return self.writer is not None and not self.writer.is_closing()
+
+    def send(self, record: Record) -> None:
+        # Synchronous and ordered: records of one stream can never overtake each other.
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(pack(record))
+
+
+class PoolStream(TranscriptStream):
+    def __init__(self, pool: PoolTranscriber, on_partial: PartialCallback | None) -> None:
+        super().__init__(uuid.uuid4().hex, pool.default_rate, pool.max_seconds)
+        self.pool = pool
+        self.on_partial = on_partial
+        self.buffer = PcmWriter(buffer_path(pool.buffers, self.stream_id), capacity_for(pool.max_seconds))
+        # Bytes in the buffer. Updated before any await, so a replay never misses a stored chunk.
+        self.written = 0
+        self.finishing = False
+        self.link: DecoderLink | None = None
+        self.final: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+
+    def open_record(self, force: bool) -> Record:
+        return {
+            "op": "open",
+            "sid": self.stream_id,
+            "rate": self.sample_rate,
+            "partials": self.on_partial is not None,
+            "end": self.written,
+            "finishing": self.finishing,
+            "force": force,
+        }
+
+    async def _store(self, pcm: bytes) -> None:
+        offset = self.written
+        self.buffer.write(offset, pcm)
+        self.written += len(pcm)
+        if self.link is not None:
+            self.link.send(
+                {"op": "data", "sid": self.stream_id, "rate": self.sample_rate, "off": offset, "len": len(pcm)}
+            )
+
+    async def finish(self) -> str:
+        self.finishing = True
+        if self.link is not None:
+            self.link.send({"op": "finish", "sid": self.stream_id, "end": self.written})
+        try:
+            result = await asyncio.wait_for(asyncio.shield(self.final), self.pool.timeout)
+        except TimeoutError:
+            raise SttTimeout(f"no final transcript within {self.pool.timeout:.0f}s") from None
+        self._release()
+        self.decode_cpu_seconds = float(result["cpu_seconds"])
+        return str(result["text"])
+
+    async def abort(self) -> None:
+        if self.link is not None:
+            self.link.send({"op": "abort", "sid": self.stream_id})
+        self._release()
+
+    def _release(self) -> None:
+        if self.link is not None:
+            self.link.streams.pop(self.stream_id, None)
+            self.link = None
+        self.pool.orphans.pop(self.stream_id, None)
+        if not self.final.done():
+            self.final.cancel()
+        self.buffer.close()
+
+
+class PoolTranscriber(Transcriber):
+    mode = "vosk"
+
+    def __init__(
+        self,
+        *,
+        runtime_dir: Path,
+        workers: int,
+        default_rate: int,
+        max_seconds: float,
+        timeout: float,
+        model_path: Path,
+    ) -> None:
+        self.runtime_dir = runtime_dir
+        self.buffers = buffer_dir(runtime_dir)
+        self.default_rate = default_rate
+        self.max_seconds = max_seconds
+        self.timeout = timeout
+        self.model_path = model_path
+        self.links = [DecoderLink(index, socket_path(runtime_dir, index)) for index in range(workers)]
+        self.status: PoolStatus | None = None
+        self.orphans: dict[str, PoolStream] = {}
+        self._maintainer: asyncio.Task[None] | None = None
+        self._link_changed = asyncio.Event()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PoolTranscriber:
+        return cls(
+            runtime_dir=settings.pool_dir,
+            workers=settings.stt_workers,
+            default_rate=settings.vosk_sample_rate,
+            max_seconds=settings.max_recording_seconds,
+            timeout=settings.stt_timeout,
+            model_path=settings.vosk_model_path,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._maintainer = asyncio.create_task(self._maintain(), name="stt-pool-links")
+
+    async def close(self) -> None:
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintainer
+        for link in self.links:
+            for stream in list(link.streams.values()):
+                await stream.abort()
+            if link.reader_task is not None:
+                link.reader_task.cancel()
+            if link.writer is not None:
+                link.writer.close()
+
+    async def _maintain(self) -> None:
+        """Keep a connection to every decoding process; re-place streams that lost theirs."""
+        while True:
+            if self.status is None:
+                self.status = PoolStatus.attach(self.runtime_dir)
+            if self.status is not None and self.status.state is PoolState.READY:
+                for link in self.links:
+                    if not link.alive:
+                        await self._connect(link)
+                for stream in list(self.orphans.values()):
+                    await self._place(stream, force=True)
+            await asyncio.sleep(RECONNECT_INTERVAL)
+
+    async def _connect(self, link: DecoderLink) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(link.path))
+        except OSError:
+            return
+        link.writer = writer
+        link.reader_task = asyncio.create_task(self._read(link, reader), name=f"stt-link-{link.index}")
+        self._link_changed.set()
+
+    async def _read(self, link: DecoderLink, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                header = await reader.readexactly(HEADER.size)
+                (length,) = HEADER.unpack(header)
+                self._dispatch(link, orjson.loads(await reader.readexactly(length)))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        self._lost(link)
+
+    def _dispatch(self, link: DecoderLink, record: Record) -> None:
+        stream_id = record.get("sid", "")
+        op = record.get("op")
+        if op in {"opened", "refused", "failed"} and stream_id in link.pending_opens:
+            future = link.pending_opens.pop(stream_id)
+            if not future.done():
+                future.set_result(record)
+            return
+        stream = link.streams.get(stream_id)
+        if stream is None:
+            return
+        if op == "final" and not stream.final.done():
+            stream.final.set_result(record)
+        elif op == "failed" and not stream.final.done():
+            stream.final.set_exception(SttError(str(record.get("error", "decoder failed"))))
+        elif op == "partial" and stream.on_partial is not None:
+            asyncio.create_task(stream.on_partial(str(record["text"])))  # noqa: RUF006 (fire and forget)
+
+    def _lost(self, link: DecoderLink) -> None:
+        """The decoding process behind `link` died: replay its streams elsewhere."""
+        if link.writer is not None:
+            link.writer.close()
+        link.writer = None
+        streams = list(link.streams.values())
+        link.streams.clear()
+        for stream_id, future in link.pending_opens.items():
+            if not future.done():
+                future.set_result({"op": "refused", "sid": stream_id, "reason": "connection lost"})
+        link.pending_opens.clear()
+        if streams:
+            log.warning(
+                "decoder connection lost, replaying streams", extra={"decoder": link.index, "streams": len(streams)}
+            )
+        for stream in streams:
+            stream.link = None
+            self.orphans[stream.stream_id] = stream
+
+    # -- placement ------------------------------------------------------------------------------
+
+    def _candidates(self) -> list[DecoderLink]:
+        def load(link: DecoderLink) -> tuple[int, int, int]:
+            slot = self.status.slots[link.index] if self.status is not None else None
+            if slot is None:
+                return (1, len(link.streams), 0)
+            return (int(slot.state != SlotState.READY), max(slot.streams, len(link.streams)), slot.backlog_ms)
+
+        return sorted((link for link in self.links if link.alive), key=load)
+
+    async def _place(self, stream: PoolStream, force: bool) -> None:
+        for link in self._candidates():
+            future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+            link.pending_opens[stream.stream_id] = future
+            link.send(stream.open_record(force))
+            try:
+                reply = await asyncio.wait_for(future, OPEN_REPLY_TIMEOUT)
+            except TimeoutError:
+                link.pending_opens.pop(stream.stream_id, None)
+                continue
+            if reply["op"] == "opened":
+                stream.link = link
+                link.streams[stream.stream_id] = stream
+                self.orphans.pop(stream.stream_id, None)
+                return
+            if reply["op"] == "failed":
+                raise SttError(str(reply.get("error")))
+        if force:
+            self.orphans[stream.stream_id] = stream
+            return
+        raise SttOverloaded("every decoding process is at capacity")
+
+    async def _wait_ready(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while not any(link.alive for link in self.links):
+            if self.status is not None and self.status.state is PoolState.FAILED:
+                raise SttError(self.status.error)
+            if loop.time() >= deadline:
+                raise SttError("the speech recognition pool is not ready")
+            self._link_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._link_changed.wait(), RECONNECT_INTERVAL)
+
+    async def open_stream(self, on_partial: PartialCallback | None = None) -> TranscriptStream:
+        await self._wait_ready()
+        stream = PoolStream(self, on_partial)
+        try:
+            await self._place(stream, force=False)
+        except BaseException:
+            stream.buffer.close()
+            raise
+        return stream
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        status = self.status
+        report: dict[str, Any] = {"mode": self.mode, "model": self.model_path.name, "workers": len(self.links)}
+        if status is None or status.state in {PoolState.STARTING, PoolState.LOADING}:
+            return {**report, "status": "degraded", "pool": "starting", "model_loaded": False, "workers_alive": 0}
+        if status.state is PoolState.FAILED:
+            return {**report, "status": "unavailable", "pool": "failed", "model_loaded": False, "workers_alive": 0}
+        alive = [index for index in status.live_slots() if self.links[index].alive]
+        state = "healthy" if len(alive) == len(self.links) else "degraded" if alive else "unavailable"
+        return {
+            **report,
+            "status": state,
+            "pool": status.state.name.lower(),
+            "model_loaded": True,
+            "workers_alive": len(alive),
+            "streams_open": sum(slot.streams for slot in status.slots),
+            "restarts": int(status.header.restarts),
+        }

@@ -1,0 +1,194 @@
+"""The pool supervisor: load the model once, fork the decoding processes, replace the dead ones.
+
+Sanic's worker manager starts this process (see server/app.py) and stops it with SIGTERM. The
+decoders are forked from here after the model is loaded, so they share its pages copy-on-write,
+and a replacement is ready in milliseconds. Each decoder slot owns a listening Unix socket that
+the supervisor keeps open across restarts: Sanic workers reconnect at once and their requests
+wait in the socket's backlog until the replacement accepts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from config import Settings
+from config.logs import configure_logging
+from stt_pool.decoder import DecoderConfig, run_decoder
+from stt_pool.model import load_model
+from stt_pool.status import PoolState, PoolStatus, SlotState
+
+log = logging.getLogger("stt_pool.supervisor")
+
+POLL_INTERVAL = 0.05
+HUNG_AFTER = 15.0
+MAX_BACKOFF = 5.0
+
+
+def socket_path(runtime_dir: Path, index: int) -> Path:
+    return runtime_dir / f"decoder-{index}.sock"
+
+
+def buffer_dir(runtime_dir: Path) -> Path:
+    return runtime_dir / "pcm"
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, model: Any, status: PoolStatus, stop: threading.Event) -> None:
+        self.settings = settings
+        self.stop_requested = stop
+        self.model = model
+        self.status = status
+        self.runtime_dir = settings.pool_dir
+        self.listeners = [self._listen(socket_path(self.runtime_dir, i)) for i in range(settings.stt_workers)]
+        self.children: dict[int, int] = {}  # pid -> slot index
+        self.failures = [0] * settings.stt_workers
+
+    @staticmethod
+    def _listen(path: Path) -> socket.socket:
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(128)
+        return listener
+
+    def spawn(self, index: int) -> None:
+        slot = self.status.slots[index]
+        slot.state = SlotState.STARTING
+        slot.heartbeat = time.time()
+        pid = os.fork()
+        if pid == 0:  # the decoder
+            code = 0
+            try:
+                for other, listener in enumerate(self.listeners):
+                    if other != index:
+                        listener.close()
+                config = DecoderConfig(
+                    index=index,
+                    buffer_dir=buffer_dir(self.runtime_dir),
+                    streams_limit=self.settings.stt_streams_per_worker,
+                    piece_ms=self.settings.stt_piece_ms,
+                    partial_interval=self.settings.partial_interval_ms / 1000,
+                )
+                run_decoder(config, self.model, self.listeners[index], self.status)
+            except BaseException:
+                log.exception("decoder crashed", extra={"decoder": index})
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = index
+        slot.pid = pid
+        log.info("decoder started", extra={"decoder": index, "decoder_pid": pid})
+
+    def run(self) -> None:
+        for index in range(len(self.listeners)):
+            self.spawn(index)
+        self.status.header.state = PoolState.READY
+        log.info("stt pool ready", extra={"workers": len(self.listeners)})
+        while not self.stop_requested.is_set():
+            self._reap()
+            self._kill_hung()
+            time.sleep(POLL_INTERVAL)
+        self.shutdown()
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            index = self.children.pop(pid, None)
+            if index is None or self.stop_requested.is_set():
+                continue
+            slot = self.status.slots[index]
+            slot.state = SlotState.DEAD
+            slot.restarts += 1
+            self.status.header.restarts += 1
+            lived = time.time() - slot.heartbeat
+            self.failures[index] = self.failures[index] + 1 if lived < 1.0 else 0
+            backoff = min(MAX_BACKOFF, 0.1 * 2 ** self.failures[index]) if self.failures[index] else 0.0
+            log.warning(
+                "decoder died, restarting",
+                extra={"decoder": index, "decoder_pid": pid, "exit": _describe_exit(wait_status), "backoff_s": backoff},
+            )
+            time.sleep(backoff)
+            self.spawn(index)
+
+    def _kill_hung(self) -> None:
+        now = time.time()
+        for pid, index in list(self.children.items()):
+            slot = self.status.slots[index]
+            if slot.state == SlotState.READY and now - slot.heartbeat > HUNG_AFTER:
+                log.error("decoder hung, killing", extra={"decoder": index, "decoder_pid": pid})
+                os.kill(pid, signal.SIGKILL)
+
+    def shutdown(self) -> None:
+        self.status.header.state = PoolState.STOPPING
+        for pid in self.children:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5.0
+        while self.children and time.monotonic() < deadline:
+            for pid in list(self.children):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    del self.children[pid]
+            time.sleep(POLL_INTERVAL)
+        for pid in self.children:
+            _signal(pid, signal.SIGKILL)
+        for index, listener in enumerate(self.listeners):
+            listener.close()
+            socket_path(self.runtime_dir, index).unlink(missing_ok=True)
+        log.info("stt pool stopped")
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return
+
+
+def _describe_exit(wait_status: int) -> str:
+    if os.WIFSIGNALED(wait_status):
+        return signal.Signals(os.WTERMSIG(wait_status)).name
+    return f"exit {os.waitstatus_to_exitcode(wait_status)}"
+
+
+def run_supervisor(settings: Settings) -> None:
+    """Entry point of the process Sanic's worker manager starts."""
+    configure_logging(settings)
+    status = PoolStatus.create(settings.pool_dir, settings.stt_workers)
+    buffer_dir(settings.pool_dir).mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    status.header.state = PoolState.LOADING
+    started = time.monotonic()
+    try:
+        model = load_model(settings.vosk_model_path)
+    except Exception as error:
+        message = f"cannot load the Vosk model at {settings.vosk_model_path}: {error}"
+        log.error(message)
+        status.fail(message)
+        os.kill(os.getppid(), signal.SIGTERM)  # stop the whole service: it must not run without its model
+        sys.exit(1)
+    status.header.model_load_ms = int((time.monotonic() - started) * 1000)
+    status.header.model_rss = psutil.Process().memory_info().rss
+    log.info(
+        "vosk model loaded",
+        extra={"model": str(settings.vosk_model_path), "load_ms": status.header.model_load_ms},
+    )
+    if not stop.is_set():
+        Supervisor(settings, model, status, stop).run()
