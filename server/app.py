@@ -19,11 +19,11 @@ from sanic.response import HTTPResponse, json
 from sanic_ext import Extend, openapi
 
 from config import SERVICE_NAME, VERSION, Settings, load_settings
+from config.logs import configure_logging
 from server import metrics
 from server.conversation import Conversation, Services
 from server.engines import build_provider, build_transcriber
 from server.generation import GenerationManager
-from config.logs import configure_logging
 from server.protocol import encode
 from server.sessions import SessionStore
 
@@ -79,7 +79,7 @@ def _register_listeners(app: Sanic, settings: Settings) -> None:
 
     @app.before_server_start
     async def start_engines(app: App) -> None:
-        transcriber = build_transcriber(settings)
+        transcriber = build_transcriber(settings, on_fatal=lambda error: app.m.terminate())
         provider = build_provider(settings)
         await transcriber.start()
         await provider.start()

@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from config import Settings
 from llm.interface import SuggestionProvider
 from llm.mock import MockProvider
+from llm.openrouter import HttpCallRecord, OpenRouterProvider
+from server import metrics
+from stt_pool.client import PoolTranscriber
 from stt_pool.interface import Transcriber
 from stt_pool.mock import MockTranscriber
 
 
-def build_transcriber(settings: Settings) -> Transcriber:
+def build_transcriber(settings: Settings, on_fatal: Callable[[str], None]) -> Transcriber:
+    """The Vosk pool when a model directory exists; `on_fatal` stops the service if the pool cannot run."""
     if settings.stt_mode == "vosk":
-        from stt_pool.client import PoolTranscriber
-
-        return PoolTranscriber.from_settings(settings)
+        return PoolTranscriber.from_settings(settings, on_fatal=on_fatal)
     return MockTranscriber(settings.vosk_sample_rate, settings.max_recording_seconds)
 
 
 def build_provider(settings: Settings) -> SuggestionProvider:
     if settings.llm_mode == "openrouter":
-        from llm.openrouter import OpenRouterProvider
-
-        return OpenRouterProvider.from_settings(settings)
+        return OpenRouterProvider.from_settings(settings, observer=record_llm_call)
     return MockProvider(settings.mock_llm_delay_ms / 1000)
+
+
+def record_llm_call(record: HttpCallRecord) -> None:
+    """Feed every HTTP call of the OpenRouter client (latency, outcome, reported tokens) to the metrics."""
+    metrics.LLM_HTTP_CALLS.labels(record.task, record.status_class).inc()
+    metrics.LLM_HTTP_LATENCY.labels(record.task).observe(record.duration)
+    if record.prompt_tokens:
+        metrics.LLM_TOKENS.labels("prompt").inc(record.prompt_tokens)
+    if record.completion_tokens:
+        metrics.LLM_TOKENS.labels("completion").inc(record.completion_tokens)

@@ -26,3 +26,9 @@ STT_RTF = Histogram("adb_stt_real_time_factor", "Decoder CPU seconds per second 
 LLM_LATENCY = Histogram("adb_llm_request_seconds", "LLM generation latency", ["task"], buckets=LLM_BUCKETS)
 LLM_OUTCOMES = Counter("adb_llm_requests", "LLM generations by task and outcome", ["task", "outcome"])
 LLM_TOKENS = Counter("adb_llm_tokens", "Tokens reported by the provider", ["kind"])
+LLM_HTTP_CALLS = Counter(
+    "adb_llm_http_calls", "HTTP calls to the LLM provider by task and status class", ["task", "status_class"]
+)
+LLM_HTTP_LATENCY = Histogram(
+    "adb_llm_http_call_seconds", "Duration of each HTTP call to the LLM provider", ["task"], buckets=LLM_BUCKETS
+)

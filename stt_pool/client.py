@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,7 @@ class PoolTranscriber(Transcriber):
         max_seconds: float,
         timeout: float,
         model_path: Path,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self.runtime_dir = runtime_dir
         self.buffers = buffer_dir(runtime_dir)
@@ -131,6 +133,7 @@ class PoolTranscriber(Transcriber):
         self.max_seconds = max_seconds
         self.timeout = timeout
         self.model_path = model_path
+        self.on_fatal = on_fatal
         self.links = [DecoderLink(index, socket_path(runtime_dir, index)) for index in range(workers)]
         self.status: PoolStatus | None = None
         self.orphans: dict[str, PoolStream] = {}
@@ -138,7 +141,7 @@ class PoolTranscriber(Transcriber):
         self._link_changed = asyncio.Event()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PoolTranscriber:
+    def from_settings(cls, settings: Settings, on_fatal: Callable[[str], None] | None = None) -> PoolTranscriber:
         return cls(
             runtime_dir=settings.pool_dir,
             workers=settings.stt_workers,
@@ -146,6 +149,7 @@ class PoolTranscriber(Transcriber):
             max_seconds=settings.max_recording_seconds,
             timeout=settings.stt_timeout,
             model_path=settings.vosk_model_path,
+            on_fatal=on_fatal,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -171,6 +175,12 @@ class PoolTranscriber(Transcriber):
         while True:
             if self.status is None:
                 self.status = PoolStatus.attach(self.runtime_dir)
+            if self.status is not None and self.status.state is PoolState.FAILED:
+                # Without its model the service must not pretend to run: stop it, once.
+                log.critical("stt pool failed, stopping the service", extra={"error": self.status.error})
+                if self.on_fatal is not None:
+                    self.on_fatal(self.status.error)
+                return
             if self.status is not None and self.status.state is PoolState.READY:
                 for link in self.links:
                     if not link.alive:

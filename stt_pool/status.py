@@ -125,7 +125,7 @@ class PoolStatus:
         return bytes(self.header.error).rstrip(b"\0").decode("utf-8", "replace")
 
     def fail(self, message: str) -> None:
-        self.header.error = message.encode("utf-8")[: ctypes.sizeof(self.header.error) - 1]
+        self.header.error = message.encode("utf-8")[: Header.error.size - 1]
         self.header.state = PoolState.FAILED
 
     def live_slots(self, heartbeat_age: float = 10.0) -> list[int]:

