@@ -7,8 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# espeak-ng/sox: speech fixtures; shellcheck, systemd (systemd-analyze), nginx: checks of install.sh and service/.
-SYSTEM_PACKAGES := espeak-ng sox shellcheck systemd nginx-light
+# espeak-ng/sox: speech fixtures; shellcheck, systemd (systemd-analyze), nginx, openssl: checks of install.sh and
+# service/; prometheus: promtool, which checks the /metrics exposition.
+SYSTEM_PACKAGES := espeak-ng sox shellcheck systemd nginx-light openssl prometheus
 
 .PHONY: run test venv venv-dev system-deps lint typecheck pytest bench docs clean
 

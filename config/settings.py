@@ -55,9 +55,11 @@ class Settings(BaseSettings):
     partial_interval_ms: int = Field(200, ge=50, le=10_000)
     max_recording_seconds: float = Field(120.0, gt=0, le=3600)
 
-    # Audio as clients send it (documented defaults of the phone app).
+    # Audio as clients send it: the format assumed for `audio_stream` chunks that do not declare
+    # `sample_rate`/`channels` (the sample rate defaults to VOSK_SAMPLE_RATE, as PROTOCOL.md says).
+    # AUDIO_CHUNK_SIZE is the chunk size (bytes) the app is configured with; informational.
     audio_chunk_size: int = Field(4096, ge=1)
-    audio_sample_rate: int = Field(16000, ge=8000, le=48000)
+    audio_sample_rate: int | None = Field(None, ge=8000, le=48000)
     audio_channels: int = Field(1, ge=1, le=2)
 
     # HTTP / WebSocket server.
@@ -88,7 +90,9 @@ class Settings(BaseSettings):
     def _lower_format(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("openrouter_api_key", "metrics_token", "log_file", "runtime_dir", mode="before")
+    @field_validator(
+        "openrouter_api_key", "metrics_token", "log_file", "runtime_dir", "audio_sample_rate", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -108,6 +112,10 @@ class Settings(BaseSettings):
             base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
             object.__setattr__(self, "runtime_dir", base / f"{SERVICE_NAME}-{self.port}")
         return self
+
+    @property
+    def client_sample_rate(self) -> int:
+        return self.audio_sample_rate or self.vosk_sample_rate
 
     @property
     def llm_mode(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 
 from config import ConfigError, Settings, load_settings
@@ -17,9 +18,22 @@ def prepare_runtime_dir(settings: Settings) -> None:
     """Start from an empty runtime directory: sockets, PCM buffers and metrics of a previous run go."""
     runtime = settings.pool_dir
     shutil.rmtree(runtime, ignore_errors=True)
-    (runtime / "metrics").mkdir(parents=True, mode=0o700)
+    # Private: the decoder sockets and the PCM of open recordings live here.
+    runtime.mkdir(parents=True, mode=0o700)
+    (runtime / "metrics").mkdir(mode=0o700)
     # prometheus_client reads this when first imported, in this process and in every worker.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(runtime / "metrics")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """One clear line instead of a traceback from deep inside Sanic when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ConfigError(f"invalid setting PORT ({host}:{port}): cannot listen there: {error.strerror}") from None
 
 
 def main() -> int:
@@ -29,16 +43,26 @@ def main() -> int:
             from stt_pool.model import check_model_dir
 
             check_model_dir(settings.vosk_model_path)
+        check_port_free(settings.host, settings.port)
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
     prepare_runtime_dir(settings)
+    try:
+        return serve(settings)
+    finally:
+        shutil.rmtree(settings.pool_dir, ignore_errors=True)
+
+
+def serve(settings: Settings) -> int:
 
     from sanic import Sanic
     from sanic.worker.loader import AppLoader
 
+    from server import sanic_shutdown
     from server.app import create_app
 
+    sanic_shutdown.install()
     loader = AppLoader(factory=create_app)
     app = loader.load()
     app.prepare(

@@ -24,8 +24,10 @@ from server import metrics
 from server.conversation import Conversation, Services
 from server.engines import build_provider, build_transcriber
 from server.generation import GenerationManager
+from server.metrics_endpoint import register_metrics_route
 from server.protocol import encode
 from server.sessions import SessionStore
+from stt_pool.supervisor import run_supervisor
 
 log = logging.getLogger("server.app")
 
@@ -34,7 +36,8 @@ App = Sanic[Any, Any]
 
 
 def _dumps(value: Any, **_: Any) -> str:
-    return orjson.dumps(value).decode()
+    # Non-string keys: sanic-ext keys OpenAPI responses by status code.
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def create_app(settings: Settings | None = None) -> App:
@@ -66,15 +69,14 @@ def create_app(settings: Settings | None = None) -> App:
     )
     _register_listeners(app, settings)
     _register_routes(app)
+    register_metrics_route(app)
     return app
 
 
-def _register_listeners(app: Sanic, settings: Settings) -> None:
+def _register_listeners(app: App, settings: Settings) -> None:
     @app.main_process_ready
     async def start_stt_pool(app: App) -> None:
         if settings.stt_mode == "vosk":
-            from stt_pool.supervisor import run_supervisor
-
             app.manager.manage("STTPool", run_supervisor, {"settings": settings})
 
     @app.before_server_start
@@ -88,7 +90,8 @@ def _register_listeners(app: Sanic, settings: Settings) -> None:
             sessions=SessionStore(),
             transcriber=transcriber,
             generations=GenerationManager(provider, settings.llm_timeout),
-            default_sample_rate=settings.vosk_sample_rate,
+            default_sample_rate=settings.client_sample_rate,
+            default_channels=settings.audio_channels,
             max_message_bytes=settings.max_message_bytes,
             max_sessions_per_connection=settings.max_sessions_per_connection,
         )

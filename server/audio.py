@@ -16,7 +16,7 @@ def _invalid(session_id: str, reason: str, **details: object) -> ProtocolError:
     )
 
 
-def decode_chunk(event: AudioStream, default_rate: int) -> tuple[bytes, int]:
+def decode_chunk(event: AudioStream, default_rate: int, default_channels: int = 1) -> tuple[bytes, int]:
     """Return (mono PCM, sample rate). Stereo is downmixed by averaging the two channels."""
     sid = event.session_id
     if event.format is not None and event.format.strip().lower() not in PCM_FORMATS:
@@ -25,7 +25,7 @@ def decode_chunk(event: AudioStream, default_rate: int) -> tuple[bytes, int]:
         pcm = base64.b64decode(event.audio_chunk, validate=True)
     except (binascii.Error, ValueError):
         raise _invalid(sid, "audio_chunk 不是合法的 base64", field="audio_chunk") from None
-    channels = event.channels or 1
+    channels = event.channels or default_channels
     frame_bytes = 2 * channels
     if len(pcm) % frame_bytes:
         raise _invalid(sid, "字节数不是完整采样的整数倍", field="audio_chunk", bytes=len(pcm), frame_bytes=frame_bytes)

@@ -63,6 +63,7 @@ class Services:
     transcriber: Transcriber
     generations: GenerationManager
     default_sample_rate: int
+    default_channels: int
     max_message_bytes: int
     max_sessions_per_connection: int
 
@@ -104,11 +105,13 @@ class Conversation:
         """Handle one client frame; every failure becomes an `error` event."""
         session_id: str | None = None
         try:
-            if len(raw) > self.services.max_message_bytes:
+            # The limit is in bytes; a text frame arrives as str, whose non-ASCII characters take 2-4 bytes.
+            size = len(raw) if isinstance(raw, bytes) or raw.isascii() else len(raw.encode("utf-8", "replace"))
+            if size > self.services.max_message_bytes:
                 raise ProtocolError(
                     ErrorCode.INVALID_EVENT_DATA,
                     "事件数据无效：消息过大，请把音频分成更小的片段发送",
-                    details={"bytes": len(raw), "limit": self.services.max_message_bytes},
+                    details={"bytes": size, "limit": self.services.max_message_bytes},
                 )
             event_type, data = parse_client_event(raw)
             metrics.EVENTS.labels(event_type).inc()
@@ -208,7 +211,7 @@ class Conversation:
 
     async def on_audio_stream(self, session: Session, data: AudioStream) -> None:
         recording = self._open_recording(session)
-        pcm, sample_rate = decode_chunk(data, self.services.default_sample_rate)
+        pcm, sample_rate = decode_chunk(data, self.services.default_sample_rate, self.services.default_channels)
         before = recording.stream.received_bytes
         try:
             await recording.stream.append(pcm, sample_rate)

@@ -88,37 +88,53 @@ class SessionOptions(_EventData):
 
 
 class HistoryMessage(_EventData):
-    message_id: RequiredText
-    sender: RequiredText
-    content: RequiredText
+    """One earlier message of the conversation, as the client stored it."""
+
+    message_id: RequiredText = Field(description="The client's id for the message; the server keeps it.")
+    sender: RequiredText = Field(description="Who said it.")
+    content: RequiredText = Field(description="What was said.")
 
 
 class ConversationStart(_EventData):
     """Creates a session."""
 
-    response_count: ResponseCount
-    scenario_description: Annotated[str, Field(strict=True)] = ""
-    history_messages: list[HistoryMessage] = Field(default_factory=list)
-    options: SessionOptions = Field(default_factory=SessionOptions)
+    response_count: ResponseCount = Field(description="How many reply suggestions each generation returns.")
+    scenario_description: Annotated[str, Field(strict=True)] = Field(
+        "", description="Where the conversation takes place and with whom."
+    )
+    history_messages: list[HistoryMessage] = Field(
+        default_factory=list, description="Earlier messages of the conversation, oldest first."
+    )
+    options: SessionOptions = Field(default_factory=SessionOptions, description="Opt-in extensions.")
 
 
 class SessionEvent(_EventData):
-    session_id: RequiredText
+    session_id: RequiredText = Field(
+        description="From `session_created`; only the connection that created it may use it."
+    )
 
 
 class MessageStart(SessionEvent):
     """Cancels the session's running generations and opens a recording for `sender`."""
 
-    sender: RequiredText
+    sender: RequiredText = Field(description="Who speaks in this recording.")
 
 
 class AudioStream(SessionEvent):
     """Appends base64 PCM (s16le) to the open recording."""
 
-    audio_chunk: RequiredText
-    format: str | None = Field(None, description="PCM only: pcm, pcm16, pcm_s16le, s16le, raw, linear16")
-    sample_rate: Annotated[int, Field(ge=8000, le=48000)] | None = None
-    channels: Annotated[int, Field(ge=1, le=2)] | None = None
+    audio_chunk: RequiredText = Field(
+        description="Base64 of the PCM bytes, a whole number of samples (frames if stereo)."
+    )
+    format: str | None = Field(
+        None, description="The audio encoding: 16-bit PCM only, under any of its accepted names."
+    )
+    sample_rate: Annotated[int, Field(ge=8000, le=48000)] | None = Field(
+        None, description="Hz; default `VOSK_SAMPLE_RATE`. Fixed once a recording has audio."
+    )
+    channels: Annotated[int, Field(ge=1, le=2)] | None = Field(
+        None, description="1 (default) or 2; stereo is interleaved and downmixed by averaging."
+    )
 
 
 class MessageEnd(SessionEvent):
@@ -128,33 +144,37 @@ class MessageEnd(SessionEvent):
 class ManualGenerate(SessionEvent):
     """Generates `response_count` replies now (cancels a running opinion generation)."""
 
-    focused_message_ids: list[RequiredText] = Field(default_factory=list)
-    user_opinion: Annotated[str, Field(strict=True)] = ""
+    focused_message_ids: list[RequiredText] = Field(
+        default_factory=list, description="Ids of the messages the replies should answer in particular."
+    )
+    user_opinion: Annotated[str, Field(strict=True)] = Field(
+        "", description="The stance the replies should take, e.g. a chosen opinion suggestion."
+    )
 
 
 class UserModification(SessionEvent):
     """Stores a modification (they accumulate) and regenerates the replies."""
 
-    modification: RequiredText
+    modification: RequiredText = Field(description="How the replies should change, e.g. more polite.")
 
 
 class UserSelectedResponse(SessionEvent):
     """Records the reply the user chose."""
 
-    selected_content: RequiredText
-    sender: RequiredText
+    selected_content: RequiredText = Field(description="The chosen reply, recorded as a message.")
+    sender: RequiredText = Field(description="Who says it (the user).")
 
 
 class ScenarioSupplement(SessionEvent):
     """Replaces the scenario supplement (the original description is kept)."""
 
-    supplement: RequiredText
+    supplement: RequiredText = Field(description="More about the scenario; replaces the previous supplement.")
 
 
 class ResponseCountUpdate(SessionEvent):
     """Changes how many replies later generations return."""
 
-    response_count: ResponseCount
+    response_count: ResponseCount = Field(description="How many reply suggestions later generations return.")
 
 
 class ConversationEnd(SessionEvent):
@@ -210,8 +230,7 @@ def parse_client_event(raw: str | bytes) -> tuple[str, _EventData]:
     if not isinstance(frame, dict):
         raise ProtocolError(ErrorCode.INVALID_EVENT_DATA, "事件数据无效：消息必须是 JSON 对象")
     event_type = frame.get("type")
-    model = CLIENT_EVENTS.get(event_type) if isinstance(event_type, str) else None
-    if model is None:
+    if not isinstance(event_type, str) or event_type not in CLIENT_EVENTS:
         raise ProtocolError(
             ErrorCode.INVALID_EVENT_TYPE,
             details={"type": str(event_type)[:64], "accepted": sorted(CLIENT_EVENTS)},
@@ -223,7 +242,7 @@ def parse_client_event(raw: str | bytes) -> tuple[str, _EventData]:
         raise ProtocolError(ErrorCode.INVALID_EVENT_DATA, "事件数据无效：data 必须是 JSON 对象")
     session_id = data.get("session_id") if isinstance(data.get("session_id"), str) else None
     try:
-        return event_type, model.model_validate(data)
+        return event_type, CLIENT_EVENTS[event_type].model_validate(data)
     except ValidationError as error:
         raise _invalid_data(error, session_id) from None
 

@@ -249,10 +249,12 @@ class PoolTranscriber(Transcriber):
 
     def _candidates(self) -> list[DecoderLink]:
         def load(link: DecoderLink) -> tuple[int, int, int]:
+            # Opens still waiting for their reply count too, or a burst of streams would all pick one process.
+            mine = len(link.streams) + len(link.pending_opens)
             slot = self.status.slots[link.index] if self.status is not None else None
             if slot is None:
-                return (1, len(link.streams), 0)
-            return (int(slot.state != SlotState.READY), max(slot.streams, len(link.streams)), slot.backlog_ms)
+                return (1, mine, 0)
+            return (int(slot.state != SlotState.READY), max(slot.streams, mine), slot.backlog_ms)
 
         return sorted((link for link in self.links if link.alive), key=load)
 

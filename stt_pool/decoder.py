@@ -29,6 +29,8 @@ from stt_pool.wire import Record, RecordReader, pack
 log = logging.getLogger("stt_pool.decoder")
 
 IDLE_WAIT = 0.5
+# How much of a finishing stream's backlog one round decodes before the sockets are read again.
+FINISH_PIECES_PER_ROUND = 20
 
 
 @dataclass
@@ -176,10 +178,10 @@ class Decoder:
         return stream.finishing or stream.end - stream.fed >= stream.piece_bytes(self.config.piece_ms)
 
     def _work_round(self) -> None:
-        """Finishing streams drain completely (someone is waiting); the others advance one piece."""
+        """Finishing streams go first (someone is waiting for them); the others advance one piece."""
         for stream in sorted(self.streams.values(), key=lambda s: not s.finishing):
             if stream.finishing:
-                self._finish(stream)
+                self._advance_finishing(stream)
             elif self._has_work(stream):
                 self._feed(stream, stream.piece_bytes(self.config.piece_ms))
                 self._maybe_partial(stream)
@@ -195,6 +197,7 @@ class Decoder:
             stream.segments.append(json.loads(stream.recognizer.Result())["text"])
         stream.fed += len(pcm)
         stream.cpu_seconds += time.process_time() - started
+        self.slot.heartbeat = time.time()  # a long backlog is work, not a hang
 
     def _maybe_partial(self, stream: Stream) -> None:
         now = time.monotonic()
@@ -206,10 +209,15 @@ class Decoder:
             stream.last_partial, stream.last_partial_at = text, now
             self._send(stream.peer, {"op": "partial", "sid": stream.stream_id, "text": text})
 
-    def _finish(self, stream: Stream) -> None:
+    def _advance_finishing(self, stream: Stream) -> None:
         piece = stream.piece_bytes(self.config.piece_ms)
-        while stream.end - stream.fed >= piece:
+        for _ in range(FINISH_PIECES_PER_ROUND):
+            if stream.end - stream.fed < piece:
+                self._finish(stream)
+                return
             self._feed(stream, piece)
+
+    def _finish(self, stream: Stream) -> None:
         if stream.end > stream.fed:
             self._feed(stream, stream.end - stream.fed)
         if stream.recognizer is not None:

@@ -1,15 +1,78 @@
-"""Shared fixtures: a real mock-engine server for the protocol tests."""
+"""Shared fixtures: real mock-engine servers for the protocol tests, and audio to send them.
+
+The protocol suite runs once per worker count: `workers` is a session-scoped parameter (1 and 2)
+and every server fixture built on it starts `python -m server` with that many Sanic workers.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.support.server import ServerProcess
 
+WORKER_COUNTS = (1, 2)
+SAMPLE_RATE = 16000
+# The mock provider's latency in `slow_server`: long enough to cancel a generation in flight.
+SLOW_LLM_DELAY_MS = 1500
+LIMITED_MESSAGE_BYTES = 65536
+LIMITED_RECORDING_SECONDS = 1
+
+
+def speech(seconds: float, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> bytes:
+    """A loud 440 Hz tone as PCM s16le: the mock transcriber reports it as speech."""
+    count = round(seconds * sample_rate)
+    tone = (3000 * np.sin(2 * math.pi * 440 * np.arange(count) / sample_rate)).astype("<i2")
+    return np.repeat(tone, channels).tobytes()
+
+
+def silence(seconds: float, sample_rate: int = SAMPLE_RATE) -> bytes:
+    return bytes(2 * round(seconds * sample_rate))
+
+
+def running_server(**env: Any) -> AbstractContextManager[ServerProcess]:
+    """`python -m server` with `env` on top of the test defaults, ready to use (every worker ready)."""
+    return ServerProcess(**env)
+
+
+@pytest.fixture(scope="session", params=WORKER_COUNTS, ids=[f"workers{n}" for n in WORKER_COUNTS])
+def workers(request: pytest.FixtureRequest) -> int:
+    count: int = request.param
+    return count
+
+
+@pytest.fixture(scope="session")
+def server(workers: int) -> Iterator[ServerProcess]:
+    """The service with default settings and mock engines."""
+    with running_server(WORKERS=workers) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def limited_server(workers: int) -> Iterator[ServerProcess]:
+    """Small limits: frames of at most 64 KiB, recordings of at most 1 s."""
+    with running_server(
+        WORKERS=workers,
+        MAX_MESSAGE_BYTES=LIMITED_MESSAGE_BYTES,
+        MAX_RECORDING_SECONDS=LIMITED_RECORDING_SECONDS,
+    ) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def slow_server(workers: int) -> Iterator[ServerProcess]:
+    """A mock provider that takes SLOW_LLM_DELAY_MS per generation, so generations can be cancelled."""
+    with running_server(WORKERS=workers, MOCK_LLM_DELAY_MS=SLOW_LLM_DELAY_MS) as started:
+        yield started
+
 
 @pytest.fixture(scope="session")
 def mock_server() -> Iterator[ServerProcess]:
-    with ServerProcess() as server:
-        yield server
+    """One default server (one worker) for tests that need a backend but not the worker matrix."""
+    with running_server() as started:
+        yield started

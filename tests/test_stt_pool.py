@@ -40,7 +40,8 @@ def references(model_dir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def pool_server(model_dir: Path) -> Iterator[ServerProcess]:
-    with ServerProcess(VOSK_MODEL_PATH=model_dir, STT_WORKERS=2, STT_STREAMS_PER_WORKER=4) as server:
+    # Two Sanic workers sharing one pool of two decoding processes.
+    with ServerProcess(VOSK_MODEL_PATH=model_dir, WORKERS=2, STT_WORKERS=2, STT_STREAMS_PER_WORKER=4) as server:
         yield server
 
 

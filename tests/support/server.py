@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -68,7 +69,12 @@ class ServerProcess:
     def start(self, timeout: float = 60.0) -> ServerProcess:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "server"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # one process group: nothing of the service outlives `stop`
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -79,11 +85,16 @@ class ServerProcess:
             except OSError:
                 time.sleep(0.1)
                 continue
-            if status == 200 and (not self.wait_for_stt or orjson.loads(body)["services"]["stt_service"] == "healthy"):
+            stt_ready = not self.wait_for_stt or orjson.loads(body)["services"]["stt_service"] == "healthy"
+            if status == 200 and stt_ready and self._workers_ready():
                 return self
             time.sleep(0.1)
         self.stop()
         raise TimeoutError(f"server not ready in {timeout}s:\n{self.logs()[-4000:]}")
+
+    def _workers_ready(self) -> bool:
+        """Every Sanic worker has logged that it is ready (the manager then stops cleanly on SIGTERM)."""
+        return self.logs().count("Worker ready [") >= int(self.env.get("WORKERS", 1))
 
     def health(self) -> dict[str, Any]:
         status, body = http_get(self.base_url + "/conversation/health")
@@ -98,14 +109,16 @@ class ServerProcess:
         return [orjson.loads(line) for line in self.logs().splitlines() if line.startswith("{")]
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        """SIGTERM, as systemd stops the service; whatever is left of its process group is then killed."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        return self.process.wait()
 
     def __enter__(self) -> ServerProcess:
         return self.start()

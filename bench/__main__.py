@@ -1,0 +1,8 @@
+"""`python -m bench` (or `make bench`): every benchmark, one after the other. Not a test."""
+
+from bench import bench_llm, bench_stt
+
+if __name__ == "__main__":
+    bench_stt.main()
+    print()
+    bench_llm.main()
