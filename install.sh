@@ -427,7 +427,8 @@ check_model() {
     local dir=$1 missing=()
     [[ -f "$dir/am/final.mdl" ]] || missing+=(am/final.mdl)
     [[ -f "$dir/conf/mfcc.conf" ]] || missing+=(conf/mfcc.conf)
-    [[ -d "$dir/graph" ]] || missing+=(graph/)
+    # The same check as stt_pool/model.py: a full graph (HCLG) or a lookahead one (HCLr + Gr).
+    [[ -f "$dir/graph/HCLG.fst" || -f "$dir/graph/HCLr.fst" ]] || missing+=("graph/HCLG.fst or graph/HCLr.fst")
     ((${#missing[@]} == 0)) || die "not a Vosk model (missing ${missing[*]}); nothing was installed"
 }
 

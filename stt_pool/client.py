@@ -24,7 +24,7 @@ from stt_pool.buffers import PcmWriter, buffer_path, capacity_for
 from stt_pool.errors import SttError, SttOverloaded, SttTimeout
 from stt_pool.interface import PartialCallback, Transcriber, TranscriptStream
 from stt_pool.status import PoolState, PoolStatus, SlotState
-from stt_pool.supervisor import buffer_dir, socket_path
+from stt_pool.supervisor import buffer_dir, socket_path, supervisor_alive
 from stt_pool.wire import HEADER, Record, pack
 
 log = logging.getLogger("stt_pool.client")
@@ -175,6 +175,12 @@ class PoolTranscriber(Transcriber):
         while True:
             if self.status is None:
                 self.status = PoolStatus.attach(self.runtime_dir)
+            if (
+                self.status is not None
+                and self.status.state in {PoolState.LOADING, PoolState.READY}
+                and not supervisor_alive(self.status)
+            ):
+                self.status.fail("the pool supervisor died")
             if self.status is not None and self.status.state is PoolState.FAILED:
                 # Without its model the service must not pretend to run: stop it, once.
                 log.critical("stt pool failed, stopping the service", extra={"error": self.status.error})
@@ -284,6 +290,12 @@ class PoolTranscriber(Transcriber):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         while not any(link.alive for link in self.links):
+            if (
+                self.status is not None
+                and self.status.state in {PoolState.LOADING, PoolState.READY}
+                and not supervisor_alive(self.status)
+            ):
+                self.status.fail("the pool supervisor died")
             if self.status is not None and self.status.state is PoolState.FAILED:
                 raise SttError(self.status.error)
             if loop.time() >= deadline:

@@ -93,7 +93,8 @@ class Supervisor:
     def run(self) -> None:
         for index in range(len(self.listeners)):
             self.spawn(index)
-        self.status.header.state = PoolState.READY
+        if not self.stop_requested.is_set():
+            self.status.header.state = PoolState.READY
         log.info("stt pool ready", extra={"workers": len(self.listeners)})
         while not self.stop_requested.is_set():
             self._reap()
@@ -172,8 +173,14 @@ def run_supervisor(settings: Settings) -> None:
     status = PoolStatus.create(settings.pool_dir, settings.stt_workers)
     buffer_dir(settings.pool_dir).mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
+
+    def request_stop(*_: object) -> None:
+        # Said before anything dies, so the Sanic workers do not take this exit for a crash.
+        status.header.state = PoolState.STOPPING
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, request_stop)
     status.header.state = PoolState.LOADING
     started = time.monotonic()
     try:
@@ -191,3 +198,12 @@ def run_supervisor(settings: Settings) -> None:
     )
     if not stop.is_set():
         Supervisor(settings, model, status, stop).run()
+
+
+def supervisor_alive(status: PoolStatus) -> bool:
+    pid = int(status.header.supervisor_pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)

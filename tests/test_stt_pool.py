@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from stt_pool.status import PoolStatus
@@ -292,3 +293,22 @@ def test_a_model_that_fails_to_load_stops_the_service(tmp_path, model_dir):
     with pytest.raises(RuntimeError, match="cannot load the Vosk model"):
         server.start(timeout=60)
     assert server.process is not None and server.process.returncode == 3
+
+
+def test_death_of_the_pool_supervisor_stops_the_service_for_its_restart(model_dir):
+    """Without its supervisor the pool cannot heal; the service exits (code 3) so systemd restarts it."""
+    server = ServerProcess(VOSK_MODEL_PATH=model_dir, STT_WORKERS=2).start()
+    try:
+        status = PoolStatus.attach(Path(server.env["RUNTIME_DIR"]))
+        assert status is not None
+        decoders = [int(slot.pid) for slot in status.slots]
+        os.kill(int(status.header.supervisor_pid), signal.SIGKILL)
+        assert server.process is not None
+        assert server.process.wait(timeout=30) == 3
+        assert "the pool supervisor died" in server.logs()
+        deadline = time.monotonic() + 10
+        while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in decoders):
+            assert time.monotonic() < deadline, "decoding processes outlived their supervisor"
+            time.sleep(0.1)
+    finally:
+        server.stop()
