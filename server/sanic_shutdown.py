@@ -11,6 +11,7 @@ loop, outside the handler. A second signal still kills at once, as in Sanic.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from signal import Signals
 from types import FrameType
 from typing import Any
@@ -19,8 +20,8 @@ from sanic.worker.manager import WorkerManager
 
 log = logging.getLogger("sanic.root")
 
-_sanic_shutdown_signal = WorkerManager.shutdown_signal
-_sanic_monitor = WorkerManager.monitor
+_sanic_shutdown_signal: Callable[..., None] = WorkerManager.shutdown_signal
+_sanic_monitor: Callable[..., None] = WorkerManager.monitor
 
 
 def _shutdown_signal(self: Any, signum: int, frame: FrameType | None) -> None:

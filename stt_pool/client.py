@@ -175,17 +175,12 @@ class PoolTranscriber(Transcriber):
         while True:
             if self.status is None:
                 self.status = PoolStatus.attach(self.runtime_dir)
-            if (
-                self.status is not None
-                and self.status.state in {PoolState.LOADING, PoolState.READY}
-                and not supervisor_alive(self.status)
-            ):
-                self.status.fail("the pool supervisor died")
-            if self.status is not None and self.status.state is PoolState.FAILED:
-                # Without its model the service must not pretend to run: stop it, once.
-                log.critical("stt pool failed, stopping the service", extra={"error": self.status.error})
+            failure = self._failure()
+            if failure:
+                # Without its model or its supervisor the service must not pretend to run: stop it, once.
+                log.critical("stt pool failed, stopping the service", extra={"error": failure})
                 if self.on_fatal is not None:
-                    self.on_fatal(self.status.error)
+                    self.on_fatal(failure)
                 return
             if self.status is not None and self.status.state is PoolState.READY:
                 for link in self.links:
@@ -194,6 +189,15 @@ class PoolTranscriber(Transcriber):
                 for stream in list(self.orphans.values()):
                     await self._place(stream, force=True)
             await asyncio.sleep(RECONNECT_INTERVAL)
+
+    def _failure(self) -> str:
+        """The pool's fatal error, if any; also notices a supervisor that died without saying so."""
+        status = self.status
+        if status is None:
+            return ""
+        if status.state in {PoolState.LOADING, PoolState.READY} and not supervisor_alive(status):
+            status.fail("the pool supervisor died")
+        return status.error if status.state is PoolState.FAILED else ""
 
     async def _connect(self, link: DecoderLink) -> None:
         try:
@@ -290,14 +294,9 @@ class PoolTranscriber(Transcriber):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         while not any(link.alive for link in self.links):
-            if (
-                self.status is not None
-                and self.status.state in {PoolState.LOADING, PoolState.READY}
-                and not supervisor_alive(self.status)
-            ):
-                self.status.fail("the pool supervisor died")
-            if self.status is not None and self.status.state is PoolState.FAILED:
-                raise SttError(self.status.error)
+            failure = self._failure()
+            if failure:
+                raise SttError(failure)
             if loop.time() >= deadline:
                 raise SttError("the speech recognition pool is not ready")
             self._link_changed.clear()

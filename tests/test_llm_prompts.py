@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from llm.interface import ContextMessage, ConversationContext
 from llm.prompts import Task, Wanted, build_messages, follow_up_messages, render_history, response_format
+from tests.support.contexts import CONTEXT
 
 
 def _history(count: int, length: int = 40) -> tuple[ContextMessage, ...]:
@@ -14,19 +17,7 @@ def _history(count: int, length: int = 40) -> tuple[ContextMessage, ...]:
 
 
 def test_every_part_of_the_context_reaches_the_user_message() -> None:
-    context = ConversationContext(
-        scenario_description="在社区医院复诊",
-        scenario_supplement="医生比较忙，说话很快",
-        messages=(
-            ContextMessage("msg_001", "医生", "最近睡得怎么样？"),
-            ContextMessage("usr_002", "我", "还是经常半夜醒。"),
-            ContextMessage("msg_003", "医生", "那药要不要换一下？"),
-        ),
-        focused_message_ids=("msg_003",),
-        user_opinion="不想换药",
-        modifications=("语气再委婉一点", "提一下副作用"),
-        response_count=4,
-    )
+    context = replace(CONTEXT, scenario_supplement="医生比较忙，说话很快", response_count=4, session_id="")
     system, user = build_messages(Task.REPLIES, context, history_char_budget=6000)
     assert system["role"] == "system" and "言语障碍" in system["content"]
     text = user["content"]
