@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -158,3 +159,32 @@ async def test_json_logs_are_one_valid_object_per_line_and_session_lines_carry_s
     sent = [record for record in about_session if record["msg"] == "generation sent"]
     assert opinions["request_id"] in {record.get("request_id") for record in sent}
     assert chunk[:64] not in server.logs(), "raw audio never reaches the log"
+
+
+def test_a_port_in_use_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_server_expecting_exit(tmp_path, PORT=str(taken.getsockname()[1]))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "PORT" in result.stderr and "cannot listen there" in result.stderr
+
+
+async def test_audio_settings_give_the_format_of_chunks_that_do_not_declare_it() -> None:
+    with ServerProcess(AUDIO_SAMPLE_RATE=8000, AUDIO_CHANNELS=2) as server:
+        async with ProtocolClient(server.ws_url) as client:
+            session_id = await client.start_session()
+            await client.send("message_start", session_id=session_id, sender="other")
+            await client.expect_status("recording_message", session_id)
+            stereo_8k = speech(1.0, sample_rate=8000, channels=2)
+            await client.send(
+                "audio_stream", session_id=session_id, audio_chunk=base64.b64encode(stereo_8k[:6]).decode()
+            )
+            error = await client.expect_error("INVALID_EVENT_DATA")
+            assert error["details"]["frame_bytes"] == 4, "undeclared chunks are taken as stereo"
+            await client.send("audio_stream", session_id=session_id, audio_chunk=base64.b64encode(stereo_8k).decode())
+            await client.send("message_end", session_id=session_id)
+            await client.expect_status("processing_stt", session_id)
+            recorded = await client.expect("message_recorded", session_id=session_id)
+            assert "1.0 秒" in recorded["content"], "one second of 8 kHz stereo, not 0.5 s of 16 kHz mono"
