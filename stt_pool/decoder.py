@@ -52,6 +52,7 @@ class Stream:
     end: int = 0
     fed: int = 0
     finishing: bool = False
+    finished: bool = False
     recognizer: Any = None
     segments: list[str] = field(default_factory=list)
     last_partial: str = ""
@@ -62,10 +63,40 @@ class Stream:
         return self.sample_rate * piece_ms // 1000 * 2
 
 
+class Recognizers:
+    """Recognisers kept warm between streams, per sample rate.
+
+    A new recogniser expands its decoding graph lazily (the lookahead composition of the small
+    models), which costs about a second of CPU on its first utterance, so a short first message
+    would wait for it. After FinalResult Vosk starts the next utterance with a new feature pipeline
+    and decoder on the same graph: a reused recogniser decodes exactly like a new one, only faster.
+    """
+
+    def __init__(self, model: Any, keep: int) -> None:
+        self.model = model
+        self.keep = keep
+        self.idle: dict[int, list[Any]] = {}
+
+    def take(self, sample_rate: int) -> Any:
+        idle = self.idle.get(sample_rate)
+        if idle:
+            return idle.pop()
+        import vosk
+
+        return vosk.KaldiRecognizer(self.model, sample_rate)
+
+    def give_back(self, sample_rate: int, recognizer: Any) -> None:
+        """`recognizer` must have just returned its FinalResult (only that fully resets it)."""
+        idle = self.idle.setdefault(sample_rate, [])
+        if len(idle) < self.keep:
+            idle.append(recognizer)
+
+
 class Decoder:
     def __init__(self, config: DecoderConfig, model: Any, listener: socket.socket, status: PoolStatus) -> None:
         self.config = config
         self.model = model
+        self.recognizers = Recognizers(model, config.streams_limit)
         self.listener = listener
         self.status = status
         self.slot = status.slots[config.index]
@@ -189,9 +220,7 @@ class Decoder:
     def _feed(self, stream: Stream, size: int) -> None:
         started = time.process_time()
         if stream.recognizer is None:
-            import vosk
-
-            stream.recognizer = vosk.KaldiRecognizer(self.model, stream.sample_rate)
+            stream.recognizer = self.recognizers.take(stream.sample_rate)
         pcm = stream.reader.read(stream.fed, stream.fed + size)
         if stream.recognizer.AcceptWaveform(pcm):
             stream.segments.append(json.loads(stream.recognizer.Result())["text"])
@@ -224,6 +253,7 @@ class Decoder:
             started = time.process_time()
             stream.segments.append(json.loads(stream.recognizer.FinalResult())["text"])
             stream.cpu_seconds += time.process_time() - started
+        stream.finished = True
         audio_seconds = stream.fed / (2 * stream.sample_rate)
         self._send(
             stream.peer,
@@ -241,8 +271,14 @@ class Decoder:
         self._close(stream)
 
     def _close(self, stream: Stream) -> None:
+        """Forget the stream; its recogniser goes back warm (after a final result, which resets it)."""
         self.streams.pop(stream.stream_id, None)
         stream.reader.close()
+        if stream.recognizer is not None:
+            if not stream.finished:
+                stream.recognizer.FinalResult()
+            self.recognizers.give_back(stream.sample_rate, stream.recognizer)
+            stream.recognizer = None
 
     def _publish(self) -> None:
         self.slot.streams = len(self.streams)

@@ -312,3 +312,17 @@ def test_death_of_the_pool_supervisor_stops_the_service_for_its_restart(model_di
             time.sleep(0.1)
     finally:
         server.stop()
+
+
+async def test_a_recogniser_reused_for_the_next_message_decodes_like_a_new_one(single_decoder_server, references):
+    """One decoding process keeps its recognisers warm between messages; results must not change."""
+    async with ProtocolClient(single_decoder_server.ws_url) as client:
+        session_id = await client.start_session()
+        for name in (SHORT, LONG, SHORT, LONG):
+            await stream_message(client, session_id, read_pcm(name), 32000)
+            assert await finish_message(client, session_id) == references[name]
+        await stream_message(client, session_id, read_pcm(LONG)[: 5 * 32000], 32000)
+        await client.send("conversation_end", session_id=session_id)
+        other = await client.start_session()
+        await stream_message(client, other, read_pcm(SHORT), 32000)
+        assert await finish_message(client, other) == references[SHORT], "an aborted stream leaves no trace"
