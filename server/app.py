@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -99,6 +100,20 @@ def _register_listeners(app: App, settings: Settings) -> None:
             "engines ready",
             extra={"stt_mode": transcriber.mode, "llm_mode": provider.mode, "service": SERVICE_NAME},
         )
+
+    @app.after_server_start
+    async def exit_with_main_process(app: App) -> None:
+        # A worker whose main process was killed would live on unsupervised (still bound to the
+        # port, still polling); it leaves instead. systemd does the same to the whole cgroup.
+        main_pid = os.getppid()
+
+        async def watch() -> None:
+            while os.getppid() == main_pid:
+                await asyncio.sleep(1.0)
+            log.error("main process gone, worker exiting", extra={"main_pid": main_pid})
+            os._exit(1)
+
+        app.add_task(watch(), name="watch-main-process")
 
     @app.after_server_stop
     async def stop_engines(app: App) -> None:
