@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     stt_timeout: float = Field(30.0, gt=0, le=600)
     stt_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     stt_streams_per_worker: int = Field(4, ge=1, le=256)
+    # A decoding process that is this far behind real time takes no new recording (STT_OVERLOADED).
+    stt_max_backlog_ms: int = Field(3000, ge=100, le=600_000)
     stt_piece_ms: int = Field(100, ge=10, le=1000)
     partial_interval_ms: int = Field(200, ge=50, le=10_000)
     max_recording_seconds: float = Field(120.0, gt=0, le=3600)

@@ -38,6 +38,7 @@ class DecoderConfig:
     index: int
     buffer_dir: Path
     streams_limit: int
+    max_backlog_ms: int
     piece_ms: int
     partial_interval: float
 
@@ -184,7 +185,8 @@ class Decoder:
             self._close(stream)
 
     def _open(self, peer: socket.socket, stream_id: str, record: Record) -> None:
-        if len(self.streams) >= self.config.streams_limit and not record.get("force"):
+        saturated = len(self.streams) >= self.config.streams_limit or self._backlog_ms() > self.config.max_backlog_ms
+        if saturated and not record.get("force"):
             self._send(peer, {"op": "refused", "sid": stream_id, "reason": "overloaded"})
             return
         try:
@@ -280,9 +282,13 @@ class Decoder:
             self.recognizers.give_back(stream.sample_rate, stream.recognizer)
             stream.recognizer = None
 
+    def _backlog_ms(self) -> int:
+        """Audio received but not decoded yet: how far this process is behind the people talking."""
+        return sum((s.end - s.fed) * 1000 // (2 * s.sample_rate) for s in self.streams.values())
+
     def _publish(self) -> None:
         self.slot.streams = len(self.streams)
-        self.slot.backlog_ms = sum((s.end - s.fed) * 1000 // (2 * s.sample_rate) for s in self.streams.values())
+        self.slot.backlog_ms = self._backlog_ms()
         self.slot.heartbeat = time.time()
 
 

@@ -76,6 +76,7 @@ class Supervisor:
                     index=index,
                     buffer_dir=buffer_dir(self.runtime_dir),
                     streams_limit=self.settings.stt_streams_per_worker,
+                    max_backlog_ms=self.settings.stt_max_backlog_ms,
                     piece_ms=self.settings.stt_piece_ms,
                     partial_interval=self.settings.partial_interval_ms / 1000,
                 )
