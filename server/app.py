@@ -108,7 +108,7 @@ def _register_listeners(app: App, settings: Settings) -> None:
         main_pid = os.getppid()
 
         async def watch() -> None:
-            while os.getppid() == main_pid:
+            while os.getppid() == main_pid:  # noqa: ASYNC110 (a parent's death has no event to wait on)
                 await asyncio.sleep(1.0)
             log.error("main process gone, worker exiting", extra={"main_pid": main_pid})
             os._exit(1)
