@@ -12,17 +12,13 @@ import statistics
 import time
 from contextlib import AsyncExitStack
 
+from bench.stats import percentile
 from tests.support.client import ProtocolClient
 from tests.support.server import ServerProcess
 
 IDLE_CONNECTIONS = 500
 ROUND_TRIPS = 400
 TARGET_P99_MS = 10.0
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 async def round_trips(service: ServerProcess) -> list[float]:

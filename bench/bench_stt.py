@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 import websockets
 
+from bench.stats import percentile
 from stt_pool.status import PoolStatus
 from tests.support.client import ProtocolClient
 from tests.support.server import ROOT, ServerProcess, free_port
@@ -101,11 +102,6 @@ def utterance(seconds: float, trailing_silence: float = 0.0, start: int = 0) -> 
         speech += CORPUS[index % len(CORPUS)] + bytes(int(0.3 * BYTES_PER_SECOND))
         index += 1
     return speech[:needed] + bytes(int(trailing_silence * BYTES_PER_SECOND) // 2 * 2)
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 def single_thread_rtf(model_dir: Path) -> float:

@@ -28,7 +28,7 @@ from server.generation import GenerationManager
 from server.metrics_endpoint import register_metrics_route
 from server.protocol import encode
 from server.sessions import SessionStore
-from stt_pool.supervisor import run_supervisor
+from stt_pool.supervisor import POOL_PROCESS_NAME, run_supervisor
 
 log = logging.getLogger("server.app")
 
@@ -78,7 +78,7 @@ def _register_listeners(app: App, settings: Settings) -> None:
     @app.main_process_ready
     async def start_stt_pool(app: App) -> None:
         if settings.stt_mode == "vosk":
-            app.manager.manage("STTPool", run_supervisor, {"settings": settings})
+            app.manager.manage(POOL_PROCESS_NAME, run_supervisor, {"settings": settings})
 
     @app.before_server_start
     async def start_engines(app: App) -> None:

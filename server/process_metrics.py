@@ -24,9 +24,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from stt_pool.status import PoolStatus, SlotState
+from stt_pool.supervisor import POOL_PROCESS_NAME
 
 SERVER_WORKER_NAME = re.compile(r"^Sanic-Server-(\d+)-\d+$")
-POOL_SUPERVISOR_NAME = re.compile(r"^Sanic-STTPool-\d+$")
+POOL_SUPERVISOR_NAME = re.compile(rf"^Sanic-{POOL_PROCESS_NAME}-\d+$")
 # PSS comes from /proc/<pid>/smaps_rollup, which the kernel computes by walking every mapping.
 SAMPLE_MAX_AGE = 2.0
 PROCESS_LABELS = ("role", "index", "pid")

@@ -29,6 +29,9 @@ from stt_pool.status import PoolState, PoolStatus, SlotState
 
 log = logging.getLogger("stt_pool.supervisor")
 
+# The name the pool process is registered under with Sanic's worker manager (Sanic calls it
+# "Sanic-<name>-<n>"); /metrics recognises the process by it.
+POOL_PROCESS_NAME = "STTPool"
 POLL_INTERVAL = 0.05
 HUNG_AFTER = 15.0
 MAX_BACKOFF = 5.0
@@ -134,7 +137,7 @@ class Supervisor:
             slot = self.status.slots[index]
             if slot.state == SlotState.READY and now - slot.heartbeat > HUNG_AFTER:
                 log.error("decoder hung, killing", extra={"decoder": index, "decoder_pid": pid})
-                os.kill(pid, signal.SIGKILL)
+                _signal(pid, signal.SIGKILL)
 
     def shutdown(self) -> None:
         self.status.header.state = PoolState.STOPPING
@@ -202,9 +205,7 @@ def run_supervisor(settings: Settings) -> None:
 
 
 def supervisor_alive(status: PoolStatus) -> bool:
-    pid = int(status.header.supervisor_pid)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return bool(psutil.Process(int(status.header.supervisor_pid)).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
         return False
-    return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
