@@ -13,8 +13,8 @@ import time
 from contextlib import AsyncExitStack
 
 from bench.stats import percentile
-from tests.support.client import ProtocolClient
-from tests.support.server import ServerProcess
+from harness.client import ProtocolClient
+from harness.server import ServerProcess
 
 IDLE_CONNECTIONS = 500
 ROUND_TRIPS = 400

@@ -14,11 +14,11 @@ import statistics
 import time
 from contextlib import AsyncExitStack
 
+from harness.client import ProtocolClient
+from harness.fake_openrouter import FakeOpenRouter
+from harness.server import ServerProcess
 from llm.interface import ContextMessage, ConversationContext
 from llm.openrouter import OpenRouterProvider
-from tests.support.client import ProtocolClient
-from tests.support.fake_openrouter import FakeOpenRouter
-from tests.support.server import ServerProcess
 
 KEY = "sk-bench-not-a-real-key-0000"
 RESPONSE_COUNT = 3

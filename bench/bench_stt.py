@@ -29,10 +29,10 @@ import psutil
 import websockets
 
 from bench.stats import percentile
+from harness.client import ProtocolClient
+from harness.server import ROOT, ServerProcess, free_port
+from harness.speech import deterministic_model
 from stt_pool.status import PoolStatus
-from tests.support.client import ProtocolClient
-from tests.support.server import ROOT, ServerProcess, free_port
-from tests.support.speech import deterministic_model
 
 BYTES_PER_SECOND = 32000
 CHUNK_SECONDS = 0.1

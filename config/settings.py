@@ -59,8 +59,6 @@ class Settings(BaseSettings):
 
     # Audio as clients send it: the format assumed for `audio_stream` chunks that do not declare
     # `sample_rate`/`channels` (the sample rate defaults to VOSK_SAMPLE_RATE, as PROTOCOL.md says).
-    # AUDIO_CHUNK_SIZE is the chunk size (bytes) the app is configured with; informational.
-    audio_chunk_size: int = Field(4096, ge=1)
     audio_sample_rate: int | None = Field(None, ge=8000, le=48000)
     audio_channels: int = Field(1, ge=1, le=2)
 

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from sanic import Request, Sanic, Websocket
 from sanic.response import HTTPResponse, json
+from sanic.server.protocols.websocket_protocol import WebSocketProtocol
 from sanic_ext import Extend, openapi
 
 from config import SERVICE_NAME, VERSION, Settings, load_settings
@@ -88,13 +89,10 @@ def _register_listeners(app: App, settings: Settings) -> None:
         await provider.start()
         app.ctx.connections = 0
         app.ctx.services = Services(
+            settings=settings,
             sessions=SessionStore(),
             transcriber=transcriber,
             generations=GenerationManager(provider, settings.llm_timeout),
-            default_sample_rate=settings.client_sample_rate,
-            default_channels=settings.audio_channels,
-            max_message_bytes=settings.max_message_bytes,
-            max_sessions_per_connection=settings.max_sessions_per_connection,
         )
         log.info(
             "engines ready",
@@ -152,11 +150,11 @@ def _register_routes(app: App) -> None:
         llm = services.generations.provider.health()
         loop_lag = await _loop_lag()
         parts = {
-            "session_manager": "healthy",
+            "session_manager": services.sessions.health(),
             "stt_service": stt["status"],
             "llm_service": llm["status"],
             "request_manager": "healthy" if loop_lag < 0.5 else "degraded",
-            "websocket_handler": "healthy",
+            "websocket_handler": _websocket_health(request),
         }
         overall = "healthy" if all(state == "healthy" for state in parts.values()) else "degraded"
         return json(
@@ -199,6 +197,12 @@ def _register_routes(app: App) -> None:
             request.app.ctx.connections -= 1
             metrics.CONNECTIONS.dec()
             log.info("connection closed", extra={"connection_id": conv.connection_id})
+
+
+def _websocket_health(request: Request) -> str:
+    """Whether this worker's server speaks the WebSocket upgrade that `/conversation` needs."""
+    protocol = request.transport.get_protocol()
+    return "healthy" if request.app.websocket_enabled and isinstance(protocol, WebSocketProtocol) else "unavailable"
 
 
 async def _loop_lag() -> float:

@@ -9,12 +9,13 @@ The handler does not know how audio reaches Vosk: it talks to a `Transcriber`.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from config import Settings
 from server import metrics
 from server.audio import decode_chunk
 from server.generation import GenerationManager, Kind
@@ -30,6 +31,7 @@ from server.protocol import (
     ProtocolError,
     ResponseCountUpdate,
     ScenarioSupplement,
+    Send,
     SessionEvent,
     UserModification,
     UserSelectedResponse,
@@ -40,32 +42,56 @@ from server.protocol import (
     status_update_event,
     transcript_partial_event,
 )
+from server.recordings import Recording, Recordings
 from server.sessions import Session, SessionStore
 from stt_pool.errors import AudioTooLong, SampleRateChanged, SttError, SttOverloaded, SttTimeout
 from stt_pool.interface import PartialCallback, Transcriber, TranscriptStream
 
 log = logging.getLogger("server.conversation")
+KEPT_FOR_RETRY = "，录音已保留，请重新发送 message_end"
 
-Send = Callable[[Event], Awaitable[None]]
+
+@contextmanager
+def stt_errors(session_id: str, stream: TranscriptStream | None = None, *, finishing: bool = False) -> Iterator[None]:
+    """Turn a transcriber failure into the protocol's error for it; `finishing`: the recording stays open."""
+    try:
+        yield
+    except SttError as error:
+        raise stt_protocol_error(error, session_id, stream, finishing) from None
 
 
-@dataclass(slots=True)
-class Recording:
-    sender: str
-    stream: TranscriptStream
+def stt_protocol_error(
+    error: SttError, session_id: str, stream: TranscriptStream | None, finishing: bool
+) -> ProtocolError:
+    if isinstance(error, SttOverloaded):
+        return ProtocolError(ErrorCode.STT_OVERLOADED, session_id=session_id)
+    if isinstance(error, AudioTooLong) and stream is not None:
+        return ProtocolError(
+            ErrorCode.AUDIO_TOO_LONG, session_id=session_id, details={"max_seconds": stream.max_seconds}
+        )
+    if isinstance(error, SampleRateChanged) and stream is not None:
+        return ProtocolError(
+            ErrorCode.INVALID_EVENT_DATA,
+            "音频数据无效：同一条消息中采样率不能改变",
+            session_id=session_id,
+            details={"field": "sample_rate", "expected": stream.sample_rate},
+        )
+    kept = KEPT_FOR_RETRY if finishing else ""
+    if isinstance(error, SttTimeout):
+        return ProtocolError(ErrorCode.SERVICE_TIMEOUT, f"语音识别超时{kept}", session_id=session_id)
+    log.warning("stt failed", extra={"session_id": session_id, "error": str(error)})
+    message = f"语音识别出错{kept}" if finishing else None
+    return ProtocolError(ErrorCode.STT_SERVICE_ERROR, message, session_id=session_id)
 
 
 @dataclass(frozen=True, slots=True)
 class Services:
     """What every connection of a worker shares."""
 
+    settings: Settings
     sessions: SessionStore
     transcriber: Transcriber
     generations: GenerationManager
-    default_sample_rate: int
-    default_channels: int
-    max_message_bytes: int
-    max_sessions_per_connection: int
 
 
 class Conversation:
@@ -75,7 +101,7 @@ class Conversation:
         self.services = services
         self.connection_id = uuid.uuid4().hex
         self._send = send
-        self.recordings: dict[str, Recording] = {}
+        self.recordings = Recordings()
         self._handlers: dict[str, Callable[[Any], Awaitable[None]]] = {
             "conversation_start": self.on_conversation_start,
         }
@@ -107,11 +133,11 @@ class Conversation:
         try:
             # The limit is in bytes; a text frame arrives as str, whose non-ASCII characters take 2-4 bytes.
             size = len(raw) if isinstance(raw, bytes) or raw.isascii() else len(raw.encode("utf-8", "replace"))
-            if size > self.services.max_message_bytes:
+            if size > self.services.settings.max_message_bytes:
                 raise ProtocolError(
                     ErrorCode.INVALID_EVENT_DATA,
                     "事件数据无效：消息过大，请把音频分成更小的片段发送",
-                    details={"bytes": size, "limit": self.services.max_message_bytes},
+                    details={"bytes": size, "limit": self.services.settings.max_message_bytes},
                 )
             event_type, data = parse_client_event(raw)
             metrics.EVENTS.labels(event_type).inc()
@@ -145,10 +171,7 @@ class Conversation:
 
     async def _end_session(self, session_id: str) -> None:
         self.services.generations.cancel(session_id)
-        recording = self.recordings.pop(session_id, None)
-        if recording is not None:
-            metrics.RECORDINGS.dec()
-            await recording.stream.abort()
+        await self.recordings.abort(session_id)
         self.services.sessions.end(session_id)
         metrics.SESSIONS.dec()
 
@@ -158,11 +181,12 @@ class Conversation:
     # -- client events ------------------------------------------------------------------------
 
     async def on_conversation_start(self, data: ConversationStart) -> None:
-        if len(self.services.sessions.owned_by(self.connection_id)) >= self.services.max_sessions_per_connection:
+        limit = self.services.settings.max_sessions_per_connection
+        if len(self.services.sessions.owned_by(self.connection_id)) >= limit:
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED,
                 "本连接的会话数已达上限，请先结束不再使用的会话",
-                details={"limit": self.services.max_sessions_per_connection},
+                details={"limit": limit},
             )
         session = self.services.sessions.create(self.connection_id, data.response_count, data.scenario_description)
         session.partial_transcripts = data.options.partial_transcripts
@@ -179,26 +203,18 @@ class Conversation:
         previous = self.recordings.get(session.session_id)
         if previous is not None and previous.stream.received_bytes:
             # A second message_start without message_end: the earlier recording is kept, not lost.
-            await self._record_transcript(session)
+            await self._record_transcript(session, previous)
         elif previous is not None:
-            del self.recordings[session.session_id]
-            metrics.RECORDINGS.dec()
-            await previous.stream.abort()
+            await self.recordings.abort(session.session_id)
         on_partial = self._partial_sender(session.session_id) if session.partial_transcripts else None
-        try:
+        with stt_errors(session.session_id):
             stream = await self.services.transcriber.open_stream(on_partial)
-        except SttOverloaded:
-            raise ProtocolError(ErrorCode.STT_OVERLOADED, session_id=session.session_id) from None
-        except SttError as error:
-            log.warning("stt open failed", extra={"session_id": session.session_id, "error": str(error)})
-            raise ProtocolError(ErrorCode.STT_SERVICE_ERROR, session_id=session.session_id) from None
-        self.recordings[session.session_id] = Recording(data.sender, stream)
-        metrics.RECORDINGS.inc()
+        self.recordings.open(session.session_id, data.sender, stream)
         await self.send(status_update_event(session.session_id, "recording_message"))
 
     def _partial_sender(self, session_id: str) -> PartialCallback:
         async def send_partial(text: str) -> None:
-            if session_id in self.recordings:
+            if self.recordings.get(session_id) is not None:
                 await self.send(transcript_partial_event(session_id, text))
 
         return send_partial
@@ -211,56 +227,22 @@ class Conversation:
 
     async def on_audio_stream(self, session: Session, data: AudioStream) -> None:
         recording = self._open_recording(session)
-        pcm, sample_rate = decode_chunk(data, self.services.default_sample_rate, self.services.default_channels)
-        before = recording.stream.received_bytes
-        try:
-            await recording.stream.append(pcm, sample_rate)
-        except AudioTooLong:
-            raise ProtocolError(
-                ErrorCode.AUDIO_TOO_LONG,
-                session_id=session.session_id,
-                details={"max_seconds": recording.stream.max_seconds},
-            ) from None
-        except SampleRateChanged:
-            raise ProtocolError(
-                ErrorCode.INVALID_EVENT_DATA,
-                "音频数据无效：同一条消息中采样率不能改变",
-                session_id=session.session_id,
-                details={"field": "sample_rate", "expected": recording.stream.sample_rate},
-            ) from None
-        except SttError as error:
-            log.warning("stt append failed", extra={"session_id": session.session_id, "error": str(error)})
-            raise ProtocolError(ErrorCode.STT_SERVICE_ERROR, session_id=session.session_id) from None
-        finally:
-            added = recording.stream.received_bytes - before
-            metrics.AUDIO_RECEIVED.inc(added / (2 * recording.stream.sample_rate))
+        settings = self.services.settings
+        pcm, sample_rate = decode_chunk(data, settings.client_sample_rate, settings.audio_channels)
+        with stt_errors(session.session_id, recording.stream):
+            await self.recordings.append(recording, pcm, sample_rate)
 
     async def on_message_end(self, session: Session, data: MessageEnd) -> None:
-        self._open_recording(session)
+        recording = self._open_recording(session)
         await self.send(status_update_event(session.session_id, "processing_stt"))
-        await self._record_transcript(session)
+        await self._record_transcript(session, recording)
         await self.send(status_update_event(session.session_id, "generating_opinions"))
         self._generate(Kind.OPINIONS, session)
 
-    async def _record_transcript(self, session: Session) -> None:
+    async def _record_transcript(self, session: Session, recording: Recording) -> None:
         """Finish the open recording and record its text. On failure the recording stays open."""
-        recording = self.recordings[session.session_id]
-        started = time.perf_counter()
-        try:
-            text = await recording.stream.finish()
-        except SttTimeout:
-            raise ProtocolError(ErrorCode.SERVICE_TIMEOUT, "语音识别超时，录音已保留，请重新发送 message_end") from None
-        except SttError as error:
-            log.warning("stt finish failed", extra={"session_id": session.session_id, "error": str(error)})
-            raise ProtocolError(
-                ErrorCode.STT_SERVICE_ERROR, "语音识别出错，录音已保留，请重新发送 message_end"
-            ) from None
-        metrics.STT_FINAL_LATENCY.observe(time.perf_counter() - started)
-        metrics.AUDIO_DECODED.inc(recording.stream.seconds)
-        if recording.stream.decode_cpu_seconds is not None and recording.stream.seconds > 0:
-            metrics.STT_RTF.observe(recording.stream.decode_cpu_seconds / recording.stream.seconds)
-        del self.recordings[session.session_id]
-        metrics.RECORDINGS.dec()
+        with stt_errors(session.session_id, recording.stream, finishing=True):
+            text = await self.recordings.finish(recording)
         message = session.add_message(recording.sender, text, "recorded")
         log.info(
             "message recorded",

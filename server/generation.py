@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from enum import StrEnum
 from typing import Any
@@ -22,16 +21,14 @@ from llm.interface import ConversationContext, SuggestionProvider
 from server import metrics
 from server.protocol import (
     ErrorCode,
-    Event,
     ProtocolError,
+    Send,
     error_event,
     llm_response_event,
     opinion_suggestions_event,
 )
 
 log = logging.getLogger("server.generation")
-
-Send = Callable[[Event], Awaitable[None]]
 
 
 class Kind(StrEnum):

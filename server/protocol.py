@@ -7,6 +7,7 @@ built only through the `*_event` helpers at the bottom, so their shapes live her
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -271,6 +272,8 @@ SERVER_EVENTS: dict[str, str] = {
 }
 
 Event = dict[str, Any]
+# How a handler or a generation hands an event to its connection.
+Send = Callable[[Event], Awaitable[None]]
 
 
 def encode(event: Event) -> str:

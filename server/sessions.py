@@ -7,7 +7,6 @@ running generations) lives with the connection and the generation manager.
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Literal
@@ -17,6 +16,7 @@ from server.protocol import ErrorCode, ProtocolError
 
 MessageKind = Literal["history", "recorded", "selected"]
 ID_PREFIX: dict[MessageKind, str] = {"recorded": "msg", "selected": "usr", "history": "msg"}
+PROBE_OWNER = "readiness-probe"
 
 
 @dataclass(slots=True)
@@ -24,8 +24,6 @@ class Message:
     message_id: str
     sender: str
     content: str
-    kind: MessageKind
-    created_at: float = field(default_factory=time.time)
 
 
 @dataclass(slots=True)
@@ -39,13 +37,11 @@ class Session:
     partial_transcripts: bool = False
     last_focus: list[str] = field(default_factory=list)
     last_opinion: str = ""
-    created_at: float = field(default_factory=time.time)
-    last_active: float = field(default_factory=time.time)
 
     def add_message(self, sender: str, content: str, kind: MessageKind, message_id: str = "") -> Message:
         """Append a message; new ids are `msg_NNN`/`usr_NNN` with NNN its 1-based position."""
         position = len(self.messages) + 1
-        message = Message(message_id or f"{ID_PREFIX[kind]}_{position:03d}", sender, content, kind)
+        message = Message(message_id or f"{ID_PREFIX[kind]}_{position:03d}", sender, content)
         self.messages.append(message)
         return message
 
@@ -78,6 +74,17 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def health(self) -> str:
+        """A probe session goes through create, get and end, and every live session has exactly one owner."""
+        probe = self.create(PROBE_OWNER, 1)
+        try:
+            found = self.get(probe.session_id, PROBE_OWNER) is probe
+        finally:
+            self.end(probe.session_id)
+            self._ended.pop(probe.session_id, None)
+        consistent = self._sessions.keys() == self._owners.keys()
+        return "healthy" if found and consistent else "degraded"
+
     def create(self, owner: str, response_count: int, scenario_description: str = "") -> Session:
         session = Session(str(uuid.uuid4()), response_count, scenario_description)
         self._sessions[session.session_id] = session
@@ -87,9 +94,7 @@ class SessionStore:
     def get(self, session_id: str, owner: str) -> Session:
         """The session if `owner` owns it; another connection's session is reported as not found."""
         if self._owners.get(session_id) == owner:
-            session = self._sessions[session_id]
-            session.last_active = time.time()
-            return session
+            return self._sessions[session_id]
         if self._ended.get(session_id) == owner:
             raise ProtocolError(ErrorCode.SESSION_EXPIRED, session_id=session_id)
         raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, session_id=session_id)

@@ -1,7 +1,8 @@
-"""Shared fixtures: real mock-engine servers for the protocol tests, and audio to send them.
+"""Shared fixtures: the protocol logic in-process, real mock-engine servers, and audio to send them.
 
-The protocol suite runs once per worker count: `workers` is a session-scoped parameter (1 and 2)
-and every server fixture built on it starts `python -m server` with that many Sanic workers.
+In-process (`services`, `connect`): `Conversation` driven directly, fresh state per test, no
+network. End-to-end: `workers` is a session-scoped parameter (1 and 2) and every server fixture
+built on it starts `python -m server` with that many Sanic workers.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.support.server import ServerProcess
+from harness.server import ServerProcess
+from server.conversation import Services
+from tests.support.inprocess import Connect, FakeTranscriber, build_services, connector
 
 WORKER_COUNTS = (1, 2)
 SAMPLE_RATE = 16000
-# The mock provider's latency in `slow_server`: long enough to cancel a generation in flight.
-SLOW_LLM_DELAY_MS = 1500
 LIMITED_MESSAGE_BYTES = 65536
 LIMITED_RECORDING_SECONDS = 1
 
@@ -38,6 +39,23 @@ def silence(seconds: float, sample_rate: int = SAMPLE_RATE) -> bytes:
 def running_server(**env: Any) -> AbstractContextManager[ServerProcess]:
     """`python -m server` with `env` on top of the test defaults, ready to use (every worker ready)."""
     return ServerProcess(**env)
+
+
+@pytest.fixture
+def services() -> Services:
+    """Fresh in-process services with default settings, the fake transcriber and the mock provider."""
+    return build_services()
+
+
+@pytest.fixture
+def connect(services: Services) -> Connect:
+    return connector(services)
+
+
+@pytest.fixture
+def transcriber(services: Services) -> FakeTranscriber:
+    assert isinstance(services.transcriber, FakeTranscriber)
+    return services.transcriber
 
 
 @pytest.fixture(scope="session", params=WORKER_COUNTS, ids=[f"workers{n}" for n in WORKER_COUNTS])
@@ -61,13 +79,6 @@ def limited_server(workers: int) -> Iterator[ServerProcess]:
         MAX_MESSAGE_BYTES=LIMITED_MESSAGE_BYTES,
         MAX_RECORDING_SECONDS=LIMITED_RECORDING_SECONDS,
     ) as started:
-        yield started
-
-
-@pytest.fixture(scope="session")
-def slow_server(workers: int) -> Iterator[ServerProcess]:
-    """A mock provider that takes SLOW_LLM_DELAY_MS per generation, so generations can be cancelled."""
-    with running_server(WORKERS=workers, MOCK_LLM_DELAY_MS=SLOW_LLM_DELAY_MS) as started:
         yield started
 
 

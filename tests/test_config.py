@@ -14,9 +14,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from harness.client import ProtocolClient
+from harness.server import ROOT, ServerProcess, free_port, http_get
 from tests.conftest import speech
-from tests.support.client import ProtocolClient
-from tests.support.server import ROOT, ServerProcess, free_port, http_get
 
 
 def run_server_expecting_exit(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:

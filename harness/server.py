@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:

@@ -1,0 +1,71 @@
+"""The open recordings of one connection (at most one per session) and the metrics they feed.
+
+Opening, finishing and aborting go through here, so the open-recordings gauge and the audio
+figures (seconds received and decoded, final-transcript latency, real-time factor) cannot drift
+from the recordings that really exist.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from server import metrics
+from stt_pool.interface import TranscriptStream
+
+
+@dataclass(slots=True)
+class Recording:
+    session_id: str
+    sender: str
+    stream: TranscriptStream
+
+
+class Recordings:
+    def __init__(self) -> None:
+        self._open: dict[str, Recording] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def get(self, session_id: str) -> Recording | None:
+        return self._open.get(session_id)
+
+    def open(self, session_id: str, sender: str, stream: TranscriptStream) -> Recording:
+        recording = Recording(session_id, sender, stream)
+        self._open[session_id] = recording
+        metrics.RECORDINGS.inc()
+        return recording
+
+    async def append(self, recording: Recording, pcm: bytes, sample_rate: int) -> None:
+        """Hand PCM to the stream; whatever it kept counts as received, even when it refuses the rest."""
+        stream = recording.stream
+        before = stream.received_bytes
+        try:
+            await stream.append(pcm, sample_rate)
+        finally:
+            metrics.AUDIO_RECEIVED.inc((stream.received_bytes - before) / (2 * stream.sample_rate))
+
+    async def finish(self, recording: Recording) -> str:
+        """The final transcript; the recording is closed only once it arrived (on failure it stays open)."""
+        stream = recording.stream
+        started = time.perf_counter()
+        text = await stream.finish()
+        metrics.STT_FINAL_LATENCY.observe(time.perf_counter() - started)
+        metrics.AUDIO_DECODED.inc(stream.seconds)
+        if stream.decode_cpu_seconds is not None and stream.seconds > 0:
+            metrics.STT_RTF.observe(stream.decode_cpu_seconds / stream.seconds)
+        self._close(recording.session_id)
+        return text
+
+    async def abort(self, session_id: str) -> None:
+        """Drop the session's recording, if any, without a transcript."""
+        recording = self._close(session_id)
+        if recording is not None:
+            await recording.stream.abort()
+
+    def _close(self, session_id: str) -> Recording | None:
+        recording = self._open.pop(session_id, None)
+        if recording is not None:
+            metrics.RECORDINGS.dec()
+        return recording

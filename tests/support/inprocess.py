@@ -1,0 +1,106 @@
+"""The protocol logic without a network: `Conversation` driven directly, its events collected in order.
+
+`InProcessClient` has every helper of the WebSocket client (harness/client.py), so a test reads
+the same either way; frames go straight to `Conversation.handle_frame` and what the connection
+would send lands in a queue. Engines are the real mock transcriber and mock provider, or the
+scriptable `FakeTranscriber` for the transcriber's failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from config import Settings
+from harness.client import EventClient
+from llm.mock import MockProvider
+from server.conversation import Conversation, Services
+from server.generation import GenerationManager
+from server.protocol import Event, encode
+from server.sessions import SessionStore
+from stt_pool.errors import SttError
+from stt_pool.interface import PartialCallback, Transcriber, TranscriptStream
+from stt_pool.mock import MockTranscriber
+
+
+class FakeTranscriber(MockTranscriber):
+    """The mock transcriber, plus failures queued by the test: `refuse` for opens, `fail_finish` for finishes."""
+
+    def __init__(self, sample_rate: int, max_seconds: float) -> None:
+        super().__init__(sample_rate, max_seconds)
+        self.refusals: deque[SttError] = deque()
+        self.finish_failures: deque[SttError] = deque()
+        self.opened: list[TranscriptStream] = []
+
+    def refuse(self, error: SttError, times: int = 1) -> None:
+        self.refusals.extend([error] * times)
+
+    def fail_finish(self, error: SttError) -> None:
+        self.finish_failures.append(error)
+
+    async def open_stream(self, on_partial: PartialCallback | None = None) -> TranscriptStream:
+        if self.refusals:
+            raise self.refusals.popleft()
+        stream = await super().open_stream(on_partial)
+        finish = stream.finish
+
+        async def finish_or_fail() -> str:
+            if self.finish_failures:
+                raise self.finish_failures.popleft()
+            return await finish()
+
+        stream.finish = finish_or_fail  # type: ignore[method-assign]
+        self.opened.append(stream)
+        return stream
+
+
+def settings_with(**values: Any) -> Settings:
+    """Settings with the defaults a fresh install has, changed by `values` (no environment, no .env)."""
+    return Settings(_env_file=None, **values)
+
+
+def build_services(
+    settings: Settings | None = None, transcriber: Transcriber | None = None, llm_delay: float = 0.0
+) -> Services:
+    settings = settings or settings_with()
+    return Services(
+        settings=settings,
+        sessions=SessionStore(),
+        transcriber=transcriber or FakeTranscriber(settings.client_sample_rate, settings.max_recording_seconds),
+        generations=GenerationManager(MockProvider(llm_delay), settings.llm_timeout),
+    )
+
+
+class InProcessClient(EventClient):
+    def __init__(self, services: Services) -> None:
+        self.events: asyncio.Queue[str] = asyncio.Queue()
+        self.conversation = Conversation(services, self._deliver)
+
+    async def _deliver(self, event: Event) -> None:
+        self.events.put_nowait(encode(event))
+
+    async def send_raw(self, frame: str | bytes) -> None:
+        await self.conversation.handle_frame(frame)
+
+    async def recv_raw(self, timeout: float) -> str:
+        return await asyncio.wait_for(self.events.get(), timeout)
+
+
+Connect = Callable[[], AbstractAsyncContextManager[InProcessClient]]
+
+
+def connector(services: Services) -> Connect:
+    """`async with connect() as client:` opens one connection to `services`; leaving it closes it."""
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[InProcessClient]:
+        client = InProcessClient(services)
+        try:
+            yield client
+        finally:
+            await client.conversation.close()
+
+    return connect

@@ -1,0 +1,73 @@
+"""Transcriber failures become the protocol's errors, and the open-recordings gauge follows the recordings."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import REGISTRY
+
+from server.conversation import Services
+from stt_pool.errors import SttError, SttOverloaded, SttTimeout
+from tests.conftest import speech
+from tests.support.inprocess import Connect, FakeTranscriber
+
+
+def open_recordings() -> float:
+    value = REGISTRY.get_sample_value("adb_open_recordings")
+    assert value is not None
+    return value
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [(SttOverloaded("full"), "STT_OVERLOADED"), (SttError("pool down"), "STT_SERVICE_ERROR")],
+    ids=["overloaded", "service-error"],
+)
+async def test_a_refused_message_start_is_one_error_and_opens_nothing(
+    connect: Connect, transcriber: FakeTranscriber, failure: SttError, code: str
+) -> None:
+    before = open_recordings()
+    async with connect() as client:
+        session_id = await client.create_session()
+        transcriber.refuse(failure)
+        await client.send("message_start", session_id=session_id, sender="对方")
+        await client.expect_error(code, session_id)
+        assert open_recordings() == before
+        await client.record(session_id, speech(0.5), "msg_001")
+        assert open_recordings() == before
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [(SttTimeout("late"), "SERVICE_TIMEOUT"), (SttError("decoder lost"), "STT_SERVICE_ERROR")],
+    ids=["timeout", "service-error"],
+)
+async def test_a_failed_finish_keeps_the_recording_for_another_message_end(
+    connect: Connect, transcriber: FakeTranscriber, failure: SttError, code: str
+) -> None:
+    async with connect() as client:
+        session_id = await client.create_session()
+        await client.open_recording(session_id)
+        await client.send_audio(session_id, speech(1.0))
+        transcriber.fail_finish(failure)
+        await client.send("message_end", session_id=session_id)
+        await client.expect_status("processing_stt", session_id)
+        error = await client.expect_error(code, session_id)
+        assert "message_end" in error["message"], "the message says how to get the transcript"
+        recorded = await client.finish_recording(session_id, "msg_001")
+        assert "1.0" in recorded["content"], "the audio was kept"
+
+
+async def test_the_open_recordings_gauge_counts_open_finished_and_dropped_recordings(
+    connect: Connect, services: Services
+) -> None:
+    before = open_recordings()
+    async with connect() as client:
+        first, second = await client.create_session(), await client.create_session()
+        await client.open_recording(first)
+        await client.open_recording(second)
+        assert open_recordings() == before + 2
+        await client.send_audio(first, speech(0.5))
+        await client.finish_recording(first)
+        assert open_recordings() == before + 1
+    assert open_recordings() == before, "closing the connection dropped the other recording"
+    assert len(services.sessions) == 0
