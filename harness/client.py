@@ -27,6 +27,12 @@ def b64(pcm: bytes) -> str:
     return base64.b64encode(pcm).decode()
 
 
+def details_of(error: dict[str, Any]) -> dict[str, str]:
+    """An error's `details` string (`name: value; ...`) as a dict, for assertions."""
+    pairs = (item.split(": ", 1) for item in error.get("details", "").split("; ") if item)
+    return {name: value for name, value in pairs}
+
+
 class EventClient(ABC):
     @abstractmethod
     async def send_raw(self, frame: str | bytes) -> None: ...
@@ -81,9 +87,11 @@ class EventClient(ABC):
         timeout: float = 10.0,
     ) -> dict[str, Any]:
         """A `message_recorded`: `content`+`sender` always, `message_content` only for a spoken message."""
-        keys = {"session_id", "message_id", "content", "sender"}
+        keys = {"session_id", "message_id", "content", "sender"} | ({"message_content"} if spoken else set())
         data = await self.expect("message_recorded", timeout, keys=keys, session_id=session_id)
         assert isinstance(data["content"], str) and isinstance(data["message_id"], str), data
+        if spoken:
+            assert data["message_content"] == data["content"], data
         if message_id is not None:
             assert data["message_id"] == message_id, data
         if sender is not None:
@@ -98,6 +106,7 @@ class EventClient(ABC):
         assert data["error_code"] == code, f"expected {code}, got {data}"
         assert set(data) <= ERROR_FIELDS, data
         assert isinstance(data["message"], str) and CHINESE.search(data["message"]), data
+        assert isinstance(data.get("details", ""), str), f"details is a string or absent: {data}"
         if session_id != ANY_SESSION:
             assert data.get("session_id") == session_id, data
         return data
@@ -168,6 +177,13 @@ class EventClient(ABC):
         await self.send(event, session_id=session_id, **data)
         await self.expect_status("generating_response", session_id)
         return await self.expect_suggestions("llm_response", session_id, count, timeout)
+
+    async def end_session(self, session_id: str) -> dict[str, Any]:
+        """conversation_end; returns the `profile_archive` that answers it."""
+        await self.send("conversation_end", session_id=session_id)
+        return await self.expect(
+            "profile_archive", keys={"session_id", "user_profile", "target_profile"}, session_id=session_id
+        )
 
     async def still_works(self, session_id: str) -> None:
         """A valid request right after an error gets its normal answer, and nothing else came first."""

@@ -15,6 +15,20 @@ class ContextMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class PersonProfile:
+    """Who a participant is (from the app's profile card); empty fields are unknown."""
+
+    name: str = ""
+    age: int | None = None
+    gender: str = ""
+    relations: tuple[str, ...] = ()
+    personalities: tuple[str, ...] = ()
+    preferences: tuple[str, ...] = ()
+    taboos: tuple[str, ...] = ()
+    common_topics: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ConversationContext:
     """Everything a generation may use, copied from the session at request time."""
 
@@ -25,6 +39,8 @@ class ConversationContext:
     user_opinion: str = ""
     modifications: tuple[str, ...] = ()
     response_count: int = 3
+    user_profile: PersonProfile | None = None
+    target_profile: PersonProfile | None = None
     session_id: str = ""
     request_id: str = ""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from llm.interface import ContextMessage, ConversationContext
+from llm.interface import ContextMessage, ConversationContext, PersonProfile
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 OPINION_RANGE = (3, 5)
@@ -93,6 +93,8 @@ def build_messages(task: Task, context: ConversationContext, history_char_budget
     user = CONTEXT.substitute(
         scenario=_one_line(context.scenario_description) or NOTHING,
         supplement=_one_line(context.scenario_supplement) or NOTHING,
+        user_profile=render_profile(context.user_profile),
+        target_profile=render_profile(context.target_profile),
         history="\n".join(render_history(context.messages, focused, history_char_budget)) or NOTHING,
         focused="、".join(known_focus) or NOTHING,
         opinion=_one_line(context.user_opinion) or NOTHING,
@@ -144,6 +146,23 @@ def render_history(messages: tuple[ContextMessage, ...], focused: set[str], char
             dropped = 0
         rendered.append(line)
     return rendered
+
+
+def render_profile(profile: PersonProfile | None) -> str:
+    """One line: the known fields of a profile, labelled in Chinese; unknown fields are left out."""
+    if profile is None:
+        return NOTHING
+    parts = [
+        ("姓名", _one_line(profile.name)),
+        ("年龄", "" if profile.age is None else f"{profile.age} 岁"),
+        ("性别", _one_line(profile.gender)),
+        ("与用户的关系", "、".join(_one_line(item) for item in profile.relations)),
+        ("性格", "、".join(_one_line(item) for item in profile.personalities)),
+        ("喜好", "、".join(_one_line(item) for item in profile.preferences)),
+        ("忌讳", "、".join(_one_line(item) for item in profile.taboos)),
+        ("常聊话题", "、".join(_one_line(item) for item in profile.common_topics)),
+    ]
+    return "；".join(f"{label}：{value}" for label, value in parts if value) or NOTHING
 
 
 def _history_line(message: ContextMessage, focused: bool) -> str:

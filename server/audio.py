@@ -7,12 +7,12 @@ import binascii
 
 import numpy as np
 
-from server.protocol import PCM_FORMATS, AudioStream, ErrorCode, ProtocolError
+from server.protocol import PCM_FORMATS, AudioStream, ErrorCode, ProtocolError, describe
 
 
 def _invalid(session_id: str, reason: str, **details: object) -> ProtocolError:
     return ProtocolError(
-        ErrorCode.INVALID_EVENT_DATA, f"音频数据无效：{reason}", session_id=session_id, details=dict(details)
+        ErrorCode.INVALID_EVENT_DATA, f"音频数据无效：{reason}", session_id=session_id, details=describe(**details)
     )
 
 
@@ -20,7 +20,7 @@ def decode_chunk(event: AudioStream, default_rate: int, default_channels: int = 
     """Return (mono PCM, sample rate). Stereo is downmixed by averaging the two channels."""
     sid = event.session_id
     if event.format is not None and event.format.strip().lower() not in PCM_FORMATS:
-        raise _invalid(sid, "只支持 16 位 PCM", field="format", accepted=sorted(PCM_FORMATS))
+        raise _invalid(sid, "只支持 16 位 PCM", field="format", accepted=", ".join(sorted(PCM_FORMATS)))
     try:
         pcm = base64.b64decode(event.audio_chunk, validate=True)
     except (binascii.Error, ValueError):

@@ -25,6 +25,7 @@ from server.protocol import (
     ConversationStart,
     ErrorCode,
     Event,
+    Heartbeat,
     ManualGenerate,
     MessageEnd,
     MessageStart,
@@ -35,9 +36,11 @@ from server.protocol import (
     SessionEvent,
     UserModification,
     UserSelectedResponse,
+    describe,
     error_event,
     message_recorded_event,
     parse_client_event,
+    profile_archive_event,
     session_created_event,
     status_update_event,
     transcript_partial_event,
@@ -67,14 +70,14 @@ def stt_protocol_error(
         return ProtocolError(ErrorCode.STT_OVERLOADED, session_id=session_id)
     if isinstance(error, AudioTooLong) and stream is not None:
         return ProtocolError(
-            ErrorCode.AUDIO_TOO_LONG, session_id=session_id, details={"max_seconds": stream.max_seconds}
+            ErrorCode.AUDIO_TOO_LONG, session_id=session_id, details=describe(max_seconds=f"{stream.max_seconds:g}")
         )
     if isinstance(error, SampleRateChanged) and stream is not None:
         return ProtocolError(
             ErrorCode.INVALID_EVENT_DATA,
             "音频数据无效：同一条消息中采样率不能改变",
             session_id=session_id,
-            details={"field": "sample_rate", "expected": stream.sample_rate},
+            details=describe(field="sample_rate", expected=stream.sample_rate),
         )
     kept = KEPT_FOR_RETRY if finishing else ""
     if isinstance(error, SttTimeout):
@@ -102,8 +105,12 @@ class Conversation:
         self.connection_id = uuid.uuid4().hex
         self._send = send
         self.recordings = Recordings()
+        # Sessions whose last message_start was refused: the app keeps streaming that recording's
+        # chunks, which are dropped without an error each (one refusal, one snackbar).
+        self.refused: set[str] = set()
         self._handlers: dict[str, Callable[[Any], Awaitable[None]]] = {
             "conversation_start": self.on_conversation_start,
+            "heartbeat": self.on_heartbeat,
         }
         self._session_handlers: dict[str, Callable[[Session, Any], Awaitable[None]]] = {
             "message_start": self.on_message_start,
@@ -137,7 +144,7 @@ class Conversation:
                 raise ProtocolError(
                     ErrorCode.INVALID_EVENT_DATA,
                     "事件数据无效：消息过大，请把音频分成更小的片段发送",
-                    details={"bytes": size, "limit": self.services.settings.max_message_bytes},
+                    details=describe(bytes=size, limit=self.services.settings.max_message_bytes),
                 )
             event_type, data = parse_client_event(raw)
             metrics.EVENTS.labels(event_type).inc()
@@ -171,6 +178,7 @@ class Conversation:
 
     async def _end_session(self, session_id: str) -> None:
         self.services.generations.cancel(session_id)
+        self.refused.discard(session_id)
         await self.recordings.abort(session_id)
         self.services.sessions.end(session_id)
         metrics.SESSIONS.dec()
@@ -186,10 +194,12 @@ class Conversation:
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED,
                 "本连接的会话数已达上限，请先结束不再使用的会话",
-                details={"limit": limit},
+                details=describe(limit=limit),
             )
         session = self.services.sessions.create(self.connection_id, data.response_count, data.scenario_description)
         session.partial_transcripts = data.options.partial_transcripts
+        session.user_profile = data.user_profile
+        session.target_profile = data.target_profile
         for message in data.history_messages:
             session.add_message(message.sender, message.content, "history", message.message_id)
         metrics.SESSIONS.inc()
@@ -207,8 +217,13 @@ class Conversation:
         elif previous is not None:
             await self.recordings.abort(session.session_id)
         on_partial = self._partial_sender(session.session_id) if session.partial_transcripts else None
-        with stt_errors(session.session_id):
-            stream = await self.services.transcriber.open_stream(on_partial)
+        self.refused.discard(session.session_id)
+        try:
+            with stt_errors(session.session_id):
+                stream = await self.services.transcriber.open_stream(on_partial)
+        except ProtocolError:
+            self.refused.add(session.session_id)
+            raise
         self.recordings.open(session.session_id, data.sender, stream)
         await self.send(status_update_event(session.session_id, "recording_message"))
 
@@ -226,13 +241,25 @@ class Conversation:
         return recording
 
     async def on_audio_stream(self, session: Session, data: AudioStream) -> None:
+        if session.session_id in self.refused:
+            return
         recording = self._open_recording(session)
+        if recording.full:
+            return  # AUDIO_TOO_LONG was answered once; the rest of the recording is dropped.
         settings = self.services.settings
         pcm, sample_rate = decode_chunk(data, settings.client_sample_rate, settings.audio_channels)
-        with stt_errors(session.session_id, recording.stream):
-            await self.recordings.append(recording, pcm, sample_rate)
+        try:
+            with stt_errors(session.session_id, recording.stream):
+                await self.recordings.append(recording, pcm, sample_rate)
+        except ProtocolError as error:
+            recording.full = error.code is ErrorCode.AUDIO_TOO_LONG
+            raise
 
     async def on_message_end(self, session: Session, data: MessageEnd) -> None:
+        if session.session_id in self.refused:
+            # The refusal was answered at message_start; the app ends the recording it was refused.
+            self.refused.discard(session.session_id)
+            return
         recording = self._open_recording(session)
         await self.send(status_update_event(session.session_id, "processing_stt"))
         await self._record_transcript(session, recording)
@@ -252,11 +279,13 @@ class Conversation:
                 "seconds": recording.stream.seconds,
             },
         )
-        await self.send(message_recorded_event(session.session_id, message.message_id, text, recording.sender))
+        await self.send(
+            message_recorded_event(session.session_id, message.message_id, text, recording.sender, spoken=True)
+        )
 
     async def on_manual_generate(self, session: Session, data: ManualGenerate) -> None:
         session.last_focus = list(data.focused_message_ids)
-        session.last_opinion = data.user_opinion
+        session.last_opinion = data.opinion
         await self._generate_replies(session)
 
     async def on_user_modification(self, session: Session, data: UserModification) -> None:
@@ -269,7 +298,9 @@ class Conversation:
 
     async def on_user_selected_response(self, session: Session, data: UserSelectedResponse) -> None:
         message = session.add_message(data.sender, data.selected_content, "selected")
-        await self.send(message_recorded_event(session.session_id, message.message_id, message.content, data.sender))
+        await self.send(
+            message_recorded_event(session.session_id, message.message_id, message.content, data.sender, spoken=False)
+        )
 
     async def on_scenario_supplement(self, session: Session, data: ScenarioSupplement) -> None:
         session.scenario_supplement = data.supplement
@@ -280,3 +311,7 @@ class Conversation:
     async def on_conversation_end(self, session: Session, data: ConversationEnd) -> None:
         log.info("session ended", extra={"session_id": session.session_id, "connection_id": self.connection_id})
         await self._end_session(session.session_id)
+        await self.send(profile_archive_event(session.session_id, session.user_profile, session.target_profile))
+
+    async def on_heartbeat(self, data: Heartbeat) -> None:
+        """Keep-alive from the client: nothing to do, nothing to answer."""

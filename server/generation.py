@@ -23,6 +23,7 @@ from server.protocol import (
     ErrorCode,
     ProtocolError,
     Send,
+    describe,
     error_event,
     llm_response_event,
     opinion_suggestions_event,
@@ -112,4 +113,4 @@ class GenerationManager:
 
 
 async def send_error(send: Send, code: ErrorCode, session_id: str, kind: Kind) -> None:
-    await send(error_event(ProtocolError(code, session_id=session_id, details={"task": kind.value})))
+    await send(error_event(ProtocolError(code, session_id=session_id, details=describe(task=kind.value))))

@@ -48,6 +48,11 @@ ERROR_MESSAGES: dict[ErrorCode, str] = {
 }
 
 
+def describe(**items: object) -> str:
+    """`details` of an error: readable `name: value` pairs (the apps cast `details` to a String)."""
+    return "; ".join(f"{name}: {value}" for name, value in items.items())
+
+
 class ProtocolError(Exception):
     """A failure the client is told about through an `error` event; the connection stays open."""
 
@@ -57,7 +62,7 @@ class ProtocolError(Exception):
         message: str | None = None,
         *,
         session_id: str | None = None,
-        details: dict[str, Any] | None = None,
+        details: str | None = None,
     ) -> None:
         super().__init__(code.value)
         self.code = code
@@ -71,6 +76,11 @@ class ProtocolError(Exception):
 
 RequiredText = Annotated[str, StringConstraints(min_length=1, strict=True)]
 ResponseCount = Annotated[int, Field(ge=1, le=5, strict=True)]
+# Profiles: far above what a person's card needs, far below what could exhaust a worker.
+PROFILE_TEXT_CHARS = 200
+PROFILE_LIST_ITEMS = 50
+ProfileText = Annotated[str, StringConstraints(max_length=PROFILE_TEXT_CHARS, strict=True)]
+ProfileList = Annotated[list[ProfileText], Field(max_length=PROFILE_LIST_ITEMS)]
 
 
 class _EventData(BaseModel):
@@ -88,12 +98,31 @@ class SessionOptions(_EventData):
     )
 
 
+class Profile(_EventData):
+    """A person in the conversation, as the app's profile card holds it; every field may be omitted or null."""
+
+    name: ProfileText | None = Field(None, description="What the person is called.")
+    age: Annotated[int, Field(ge=0, le=150, strict=True)] | None = Field(None, description="Age in years.")
+    gender: ProfileText | None = Field(None, description="Gender, in the app's words.")
+    relations: ProfileList | None = Field(None, description="Relation to the user, e.g. 主治医生, 女儿.")
+    personalities: ProfileList | None = Field(None, description="Character traits.")
+    preferences: ProfileList | None = Field(None, description="Likes and habits.")
+    taboos: ProfileList | None = Field(None, description="Topics or words to avoid.")
+    common_topics: ProfileList | None = Field(None, description="What the two often talk about.")
+
+    def given(self) -> dict[str, Any]:
+        """The fields the client sent (unknown ones dropped), as `profile_archive` returns them."""
+        return self.model_dump(exclude_unset=True)
+
+
 class HistoryMessage(_EventData):
     """One earlier message of the conversation, as the client stored it."""
 
     message_id: RequiredText = Field(description="The client's id for the message; the server keeps it.")
     sender: RequiredText = Field(description="Who said it.")
-    content: RequiredText = Field(description="What was said.")
+    content: Annotated[str, Field(strict=True)] = Field(
+        description='What was said; `""` for a recording without recognised speech.'
+    )
 
 
 class ConversationStart(_EventData):
@@ -105,6 +134,10 @@ class ConversationStart(_EventData):
     )
     history_messages: list[HistoryMessage] = Field(
         default_factory=list, description="Earlier messages of the conversation, oldest first."
+    )
+    user_profile: Profile | None = Field(None, description="The app's user (who has the speech impairment).")
+    target_profile: Profile | None = Field(
+        None, description="The conversation partner: who they are changes what a good reply is."
     )
     options: SessionOptions = Field(default_factory=SessionOptions, description="Opt-in extensions.")
 
@@ -151,6 +184,14 @@ class ManualGenerate(SessionEvent):
     user_opinion: Annotated[str, Field(strict=True)] = Field(
         "", description="The stance the replies should take, e.g. a chosen opinion suggestion."
     )
+    user_corpus: Annotated[str, Field(strict=True)] = Field(
+        "",
+        description="The current app's name for `user_opinion` (its typed opinion); used when `user_opinion` is empty.",
+    )
+
+    @property
+    def opinion(self) -> str:
+        return self.user_opinion or self.user_corpus
 
 
 class UserModification(SessionEvent):
@@ -179,7 +220,11 @@ class ResponseCountUpdate(SessionEvent):
 
 
 class ConversationEnd(SessionEvent):
-    """Cancels the session's work and ends the session."""
+    """Cancels the session's work, answers `profile_archive` and ends the session."""
+
+
+class Heartbeat(_EventData):
+    """A client's keep-alive: accepted silently, whatever its `data` (or none)."""
 
 
 CLIENT_EVENTS: dict[str, type[_EventData]] = {
@@ -193,6 +238,7 @@ CLIENT_EVENTS: dict[str, type[_EventData]] = {
     "scenario_supplement": ScenarioSupplement,
     "response_count_update": ResponseCountUpdate,
     "conversation_end": ConversationEnd,
+    "heartbeat": Heartbeat,
 }
 
 PCM_FORMATS = frozenset({"pcm", "pcm16", "pcm_s16le", "s16le", "raw", "linear16", "l16", "pcm16le"})
@@ -218,7 +264,7 @@ def _invalid_data(error: ValidationError, session_id: str | None) -> ProtocolErr
         ErrorCode.INVALID_EVENT_DATA,
         f"事件数据无效：{reason}",
         session_id=session_id,
-        details={"field": field, "reason": kind},
+        details=describe(field=field, reason=kind),
     )
 
 
@@ -234,11 +280,13 @@ def parse_client_event(raw: str | bytes) -> tuple[str, _EventData]:
     if not isinstance(event_type, str) or event_type not in CLIENT_EVENTS:
         raise ProtocolError(
             ErrorCode.INVALID_EVENT_TYPE,
-            details={"type": str(event_type)[:64], "accepted": sorted(CLIENT_EVENTS)},
+            details=describe(type=str(event_type)[:64], accepted=", ".join(sorted(CLIENT_EVENTS))),
         )
     data = frame.get("data")
+    if event_type == "heartbeat":
+        return event_type, Heartbeat()
     if data is None:
-        raise ProtocolError(ErrorCode.MISSING_REQUIRED_FIELD, details={"field": "data"})
+        raise ProtocolError(ErrorCode.MISSING_REQUIRED_FIELD, details=describe(field="data"))
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.INVALID_EVENT_DATA, "事件数据无效：data 必须是 JSON 对象")
     session_id = data.get("session_id") if isinstance(data.get("session_id"), str) else None
@@ -263,11 +311,13 @@ STATUS_MESSAGES: dict[str, str] = {
 
 SERVER_EVENTS: dict[str, str] = {
     "session_created": "`session_id`",
-    "message_recorded": "`session_id`, `message_id`, `content`, `sender`",
+    "message_recorded": "`session_id`, `message_id`, `content`, `sender`; `message_content` (= `content`) "
+    "only on a message recorded from speech, never on a selected reply",
     "opinion_suggestions": "`session_id`, `suggestions` (3-5 keywords), `request_id`",
     "llm_response": "`session_id`, `suggestions` (exactly `response_count`), `request_id`",
     "status_update": "`session_id`, `status`, `message`",
-    "error": "`session_id?`, `error_code`, `message`, `details?`",
+    "error": "`session_id?`, `error_code`, `message`, `details?` (a string, never an object)",
+    "profile_archive": "`session_id`, `user_profile`, `target_profile` (each as given, or null)",
     "transcript_partial": "`session_id`, `text` (opt-in: `options.partial_transcripts`)",
 }
 
@@ -285,9 +335,22 @@ def session_created_event(session_id: str) -> Event:
     return {"type": "session_created", "data": {"session_id": session_id}}
 
 
-def message_recorded_event(session_id: str, message_id: str, content: str, sender: str) -> Event:
+def message_recorded_event(session_id: str, message_id: str, content: str, sender: str, *, spoken: bool) -> Event:
+    """`content` for the seed-era app, `message_content` (same text) for the current one on spoken
+    messages only: for a selected reply the current app shows its own copy, a second would double it."""
     data = {"session_id": session_id, "message_id": message_id, "content": content, "sender": sender}
+    if spoken:
+        data["message_content"] = content
     return {"type": "message_recorded", "data": data}
+
+
+def profile_archive_event(session_id: str, user_profile: Profile | None, target_profile: Profile | None) -> Event:
+    data = {
+        "session_id": session_id,
+        "user_profile": user_profile.given() if user_profile else None,
+        "target_profile": target_profile.given() if target_profile else None,
+    }
+    return {"type": "profile_archive", "data": data}
 
 
 def opinion_suggestions_event(session_id: str, suggestions: list[str], request_id: str) -> Event:

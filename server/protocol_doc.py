@@ -26,6 +26,7 @@ from server.protocol import (
     AudioStream,
     ErrorCode,
     HistoryMessage,
+    Profile,
     SessionOptions,
 )
 
@@ -61,8 +62,15 @@ def _constraints(schema: dict[str, Any], strict: bool) -> list[str]:
         found.append("non-empty")
     if "minimum" in schema and "maximum" in schema:
         found.append(f"{schema['minimum']}–{schema['maximum']}")
-    if schema.get("type") == "array" and schema["items"].get("minLength") == 1:
-        found.append("items non-empty")
+    if "maxLength" in schema:
+        found.append(f"at most {schema['maxLength']} characters")
+    if schema.get("type") == "array":
+        if "maxItems" in schema:
+            found.append(f"at most {schema['maxItems']} items")
+        if schema["items"].get("minLength") == 1:
+            found.append("items non-empty")
+        if "maxLength" in schema["items"]:
+            found.append(f"items at most {schema['items']['maxLength']} characters")
     if strict:
         found.append("exact type")
     return found
@@ -121,6 +129,7 @@ def render() -> str:
         "client_summary": client_summary(),
         "client_events": client_events(),
         "history_message": field_table(HistoryMessage),
+        "profile": field_table(Profile),
         "server_events": "\n".join(f"| `{event}` | {_cell(data)} |" for event, data in SERVER_EVENTS.items()),
         "statuses": "\n".join(f"| `{status}` | {message} |" for status, message in STATUS_MESSAGES.items()),
         "error_codes": "\n".join(f"| `{code.value}` | {ERROR_MESSAGES[code]} |" for code in ErrorCode),

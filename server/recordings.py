@@ -19,6 +19,8 @@ class Recording:
     session_id: str
     sender: str
     stream: TranscriptStream
+    # The stream refused audio beyond the maximum length; later chunks are dropped.
+    full: bool = False
 
 
 class Recordings:

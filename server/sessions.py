@@ -11,8 +11,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
-from llm.interface import ContextMessage, ConversationContext
-from server.protocol import ErrorCode, ProtocolError
+from llm.interface import ContextMessage, ConversationContext, PersonProfile
+from server.protocol import ErrorCode, Profile, ProtocolError
 
 MessageKind = Literal["history", "recorded", "selected"]
 ID_PREFIX: dict[MessageKind, str] = {"recorded": "msg", "selected": "usr", "history": "msg"}
@@ -37,12 +37,20 @@ class Session:
     partial_transcripts: bool = False
     last_focus: list[str] = field(default_factory=list)
     last_opinion: str = ""
+    user_profile: Profile | None = None
+    target_profile: Profile | None = None
+    message_ids: set[str] = field(default_factory=set)
 
     def add_message(self, sender: str, content: str, kind: MessageKind, message_id: str = "") -> Message:
-        """Append a message; new ids are `msg_NNN`/`usr_NNN` with NNN its 1-based position."""
-        position = len(self.messages) + 1
-        message = Message(message_id or f"{ID_PREFIX[kind]}_{position:03d}", sender, content)
+        """Append a message; a new id is `msg_NNN`/`usr_NNN` with NNN its 1-based position, or the
+        next free number when a history message already holds that id."""
+        if not message_id:
+            position = len(self.messages) + 1
+            while (message_id := f"{ID_PREFIX[kind]}_{position:03d}") in self.message_ids:
+                position += 1
+        message = Message(message_id, sender, content)
         self.messages.append(message)
+        self.message_ids.add(message_id)
         return message
 
     @property
@@ -58,9 +66,26 @@ class Session:
             user_opinion=opinion,
             modifications=tuple(self.modifications),
             response_count=self.response_count,
+            user_profile=_person(self.user_profile),
+            target_profile=_person(self.target_profile),
             session_id=self.session_id,
             request_id=request_id,
         )
+
+
+def _person(profile: Profile | None) -> PersonProfile | None:
+    if profile is None:
+        return None
+    return PersonProfile(
+        name=profile.name or "",
+        age=profile.age,
+        gender=profile.gender or "",
+        relations=tuple(profile.relations or ()),
+        personalities=tuple(profile.personalities or ()),
+        preferences=tuple(profile.preferences or ()),
+        taboos=tuple(profile.taboos or ()),
+        common_topics=tuple(profile.common_topics or ()),
+    )
 
 
 class SessionStore:

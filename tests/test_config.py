@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from harness.client import ProtocolClient
+from harness.client import ProtocolClient, details_of
 from harness.server import ROOT, ServerProcess, free_port, http_get
 from tests.conftest import speech
 
@@ -94,7 +94,7 @@ async def test_the_env_file_is_read(tmp_path: Path) -> None:
             await client.start_session()
             await client.send("conversation_start", response_count=3)
             error = await client.expect_error("RATE_LIMITED")
-            assert error["details"]["limit"] == 1
+            assert details_of(error)["limit"] == "1"
 
 
 async def test_the_environment_wins_over_the_env_file(tmp_path: Path) -> None:
@@ -115,7 +115,7 @@ async def test_the_environment_wins_over_the_env_file(tmp_path: Path) -> None:
             await client.start_session()
             await client.send("conversation_start", response_count=3)
             error = await client.expect_error("RATE_LIMITED")
-            assert error["details"]["limit"] == 2
+            assert details_of(error)["limit"] == "2"
         lines = server.logs().splitlines()
         assert lines
         assert all(line.startswith("{") for line in lines), "LOG_FORMAT from the environment, not the file"
@@ -138,7 +138,7 @@ async def test_json_logs_are_one_valid_object_per_line_and_session_lines_carry_s
         opinions = await client.expect("opinion_suggestions", session_id=session_id)
         await client.send("message_end", session_id=session_id)
         await client.expect_error("NO_ACTIVE_MESSAGE")
-        await client.send("conversation_end", session_id=session_id)
+        await client.end_session(session_id)
         await client.send("manual_generate", session_id=session_id)
         await client.expect_error("SESSION_EXPIRED")
 
@@ -182,7 +182,7 @@ async def test_audio_settings_give_the_format_of_chunks_that_do_not_declare_it()
                 "audio_stream", session_id=session_id, audio_chunk=base64.b64encode(stereo_8k[:6]).decode()
             )
             error = await client.expect_error("INVALID_EVENT_DATA")
-            assert error["details"]["frame_bytes"] == 4, "undeclared chunks are taken as stereo"
+            assert details_of(error)["frame_bytes"] == "4", "undeclared chunks are taken as stereo"
             await client.send("audio_stream", session_id=session_id, audio_chunk=base64.b64encode(stereo_8k).decode())
             await client.send("message_end", session_id=session_id)
             await client.expect_status("processing_stt", session_id)

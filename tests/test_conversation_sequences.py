@@ -141,7 +141,7 @@ async def test_scenario_supplement_response_count_update_and_conversation_end_se
         # The next answer on the connection is the one to the next request: nothing came in between.
         await client.send("user_selected_response", session_id=session_id, selected_content="好的", sender="我")
         await client.expect_recorded(session_id, "usr_001", "我", spoken=False)
-        await client.send("conversation_end", session_id=session_id)
+        await client.end_session(session_id)
         await client.expect_silence(0.1)
         other = await client.create_session()
         assert other != session_id
@@ -221,7 +221,7 @@ async def test_a_whole_conversation_never_sends_idle_status(connect: Connect) ->
             events.append(await client.recv())
         await client.send("user_selected_response", session_id=session_id, selected_content="往前走", sender="我")
         events.append(await client.recv())
-        await client.send("conversation_end", session_id=session_id)
+        await client.end_session(session_id)
         await client.expect_silence(0.1)
     assert [event["type"] for event in events] == [
         "session_created",

@@ -90,7 +90,7 @@ async def test_events_of_a_session_go_only_to_the_connection_that_owns_it(connec
 async def test_an_ended_or_abandoned_session_is_not_found_for_other_connections(connect: Connect) -> None:
     async with connect() as owner, connect() as other:
         ended = await owner.create_session()
-        await owner.send("conversation_end", session_id=ended)
+        await owner.end_session(ended)
         await other.send("manual_generate", session_id=ended)
         error = await other.expect_error("SESSION_NOT_FOUND")
         assert error["session_id"] == ended, "another connection never learns that the session existed"
@@ -163,11 +163,11 @@ async def test_conversation_end_cancels_all_work_of_the_session(slow: Connect) -
         await client.send("manual_generate", session_id=busy)
         await client.expect_status("generating_response", busy)
         await end_message_until_opinions_run(client, busy, "msg_001")
-        await client.send("conversation_end", session_id=busy)
+        await client.end_session(busy)
         # A recording that is open, with audio, is dropped without a message.
         recording = await client.create_session()
         await open_recording_with_audio(client, recording)
-        await client.send("conversation_end", session_id=recording)
+        await client.end_session(recording)
         await client.expect_silence(PAST_THE_DELAY)
         await client.send("message_end", session_id=recording)
         await client.expect_error("SESSION_EXPIRED")

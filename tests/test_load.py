@@ -30,7 +30,7 @@ async def whole_conversation(url: str, index: int) -> str:
         chosen = replies["suggestions"][index % 3]
         await client.send("user_selected_response", session_id=session_id, selected_content=chosen, sender="我")
         await client.expect("message_recorded", session_id=session_id, message_id="usr_002", content=chosen)
-        await client.send("conversation_end", session_id=session_id)
+        await client.end_session(session_id)
         await client.expect_silence(0.2)
         return session_id
 

@@ -105,7 +105,7 @@ async def conversation(service: ServerProcess) -> dict[str, Any]:
         await client.expect("llm_response", session_id=session_id)
         await client.send("audio_stream", session_id=session_id, audio_chunk="AAAA")
         await client.expect_error("NO_ACTIVE_MESSAGE")
-        await client.send("conversation_end", session_id=session_id)
+        await client.end_session(session_id)
         await client.start_session()  # answered once conversation_end has been handled
     return {"session_id": session_id, "during": during}
 
@@ -209,7 +209,7 @@ async def test_counters_add_up_over_both_sanic_workers(service, conversation):
     while connections < 4 or (served_by != worker_pids and connections < 60):
         async with ProtocolClient(service.ws_url) as client:
             first = await client.start_session()
-            await client.send("conversation_end", session_id=first)
+            await client.end_session(first)
             await client.start_session()  # answered after conversation_end: both are counted
         connections += 1
         served_by |= {

@@ -14,10 +14,13 @@ from server.protocol import (
     CLIENT_EVENTS,
     ERROR_MESSAGES,
     PCM_FORMATS,
+    PROFILE_LIST_ITEMS,
+    PROFILE_TEXT_CHARS,
     SERVER_EVENTS,
     STATUS_MESSAGES,
     ErrorCode,
     HistoryMessage,
+    Profile,
     RequiredText,
     ResponseCount,
     SessionOptions,
@@ -65,11 +68,17 @@ def test_every_client_event_is_documented_with_each_of_its_fields() -> None:
                 assert " ".join(field.description.split()) in row
 
 
-def test_nested_history_message_and_every_option_are_documented() -> None:
+def test_nested_objects_and_every_option_are_documented() -> None:
     doc = render()
     history = section(doc, "### Nested object: history message")
-    for name in HistoryMessage.model_fields:
+    for name in ("message_id", "sender"):
         assert f"| `{name}` | string | required | non-empty, exact type |" in history
+    assert "| `content` | string | required | exact type |" in history, "a silent recording's content is empty"
+    assert set(HistoryMessage.model_fields) == {"message_id", "sender", "content"}
+    profile = section(doc, "### Nested object: profile")
+    for name in Profile.model_fields:
+        assert f"| `{name}` |" in profile
+    assert f"at most {PROFILE_LIST_ITEMS} items, items at most {PROFILE_TEXT_CHARS} characters" in profile
     options = section(doc, "## Opt-in options")
     for name, field in SessionOptions.model_fields.items():
         assert f"| `{name}` |" in options

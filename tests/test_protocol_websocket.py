@@ -44,7 +44,7 @@ async def test_a_whole_conversation_over_a_websocket_with_binary_and_bad_frames_
         await client.expect_status("generating_response", session_id)
         await client.expect_suggestions("llm_response", session_id, 2)
         await client.still_works(session_id)
-        await client.send("conversation_end", session_id=session_id)
+        await client.end_session(session_id)
         await client.send("manual_generate", session_id=session_id)
         await client.expect_error("SESSION_EXPIRED", session_id)
 
