@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVICE_NAME = "ai-dialogue-backend"
 VERSION = "1.0.0"
+# A recording's wall-clock limit beyond its audio limit: time to send the last chunks and message_end.
+RECORDING_WALL_MARGIN_SECONDS = 30.0
 
 
 class ConfigError(Exception):
@@ -70,6 +72,18 @@ class Settings(BaseSettings):
     websocket_timeout: float = Field(300.0, gt=0)
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     max_sessions_per_connection: int = Field(16, ge=1, le=1000)
+    # Protocol limits: far above a real conversation (a 120 s utterance is about 600 characters),
+    # far below what could exhaust a worker. Beyond them: INVALID_EVENT_DATA (RATE_LIMITED for recordings).
+    max_text_chars: int = Field(4000, ge=100, le=1_000_000)
+    max_label_chars: int = Field(200, ge=16, le=10_000)
+    max_list_items: int = Field(50, ge=1, le=10_000)
+    max_history_messages: int = Field(500, ge=1, le=100_000)
+    max_messages_per_session: int = Field(1000, ge=1, le=1_000_000)
+    max_modifications_per_session: int = Field(100, ge=1, le=100_000)
+    max_recordings_per_connection: int = Field(1, ge=1, le=64)
+    # Default: MAX_RECORDING_SECONDS plus RECORDING_WALL_MARGIN_SECONDS.
+    recording_wall_limit_seconds: float | None = Field(None, gt=0, le=86400)
+    max_ended_sessions_per_connection: int = Field(100, ge=1, le=100_000)
     runtime_dir: Path | None = None
     metrics_token: SecretStr | None = None
 
@@ -91,7 +105,13 @@ class Settings(BaseSettings):
         return value.lower() if isinstance(value, str) else value
 
     @field_validator(
-        "openrouter_api_key", "metrics_token", "log_file", "runtime_dir", "audio_sample_rate", mode="before"
+        "openrouter_api_key",
+        "metrics_token",
+        "log_file",
+        "runtime_dir",
+        "audio_sample_rate",
+        "recording_wall_limit_seconds",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -112,6 +132,11 @@ class Settings(BaseSettings):
             base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
             object.__setattr__(self, "runtime_dir", base / f"{SERVICE_NAME}-{self.port}")
         return self
+
+    @property
+    def recording_wall_limit(self) -> float:
+        """How long a recording may stay open, whatever the client sends (a trickle holds no slot for ever)."""
+        return self.recording_wall_limit_seconds or self.max_recording_seconds + RECORDING_WALL_MARGIN_SECONDS
 
     @property
     def client_sample_rate(self) -> int:

@@ -60,8 +60,8 @@ class EventClient(ABC):
             assert data.get(key) == value, f"{key}: expected {value!r}, got {event}"
         return data
 
-    async def expect_status(self, status: str, session_id: str) -> dict[str, Any]:
-        data = await self.expect("status_update", keys=STATUS_FIELDS, status=status, session_id=session_id)
+    async def expect_status(self, status: str, session_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        data = await self.expect("status_update", timeout, keys=STATUS_FIELDS, status=status, session_id=session_id)
         assert CHINESE.search(data["message"]), f"status messages are Chinese: {data}"
         return data
 

@@ -90,7 +90,7 @@ def _register_listeners(app: App, settings: Settings) -> None:
         app.ctx.connections = 0
         app.ctx.services = Services(
             settings=settings,
-            sessions=SessionStore(),
+            sessions=SessionStore(settings.max_ended_sessions_per_connection),
             transcriber=transcriber,
             generations=GenerationManager(provider, settings.llm_timeout),
         )

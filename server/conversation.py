@@ -8,6 +8,7 @@ The handler does not know how audio reaches Vosk: it talks to a `Transcriber`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,6 +27,7 @@ from server.protocol import (
     ErrorCode,
     Event,
     Heartbeat,
+    Limits,
     ManualGenerate,
     MessageEnd,
     MessageStart,
@@ -104,10 +106,20 @@ class Conversation:
         self.services = services
         self.connection_id = uuid.uuid4().hex
         self._send = send
+        settings = services.settings
+        self.limits = Limits(
+            text_chars=settings.max_text_chars,
+            label_chars=settings.max_label_chars,
+            list_items=settings.max_list_items,
+            history_messages=settings.max_history_messages,
+        )
         self.recordings = Recordings()
-        # Sessions whose last message_start was refused: the app keeps streaming that recording's
-        # chunks, which are dropped without an error each (one refusal, one snackbar).
-        self.refused: set[str] = set()
+        # Sessions whose recording is over for the server (its message_start was refused, or the
+        # wall-clock limit finished it) while the app may still stream it: those chunks and that
+        # message_end are dropped without an error each (one refusal, one snackbar).
+        self.dropping: set[str] = set()
+        # Frames and wall-clock expiries of this connection run one at a time, as the protocol is sequential.
+        self._turn = asyncio.Lock()
         self._handlers: dict[str, Callable[[Any], Awaitable[None]]] = {
             "conversation_start": self.on_conversation_start,
             "heartbeat": self.on_heartbeat,
@@ -136,6 +148,10 @@ class Conversation:
 
     async def handle_frame(self, raw: str | bytes) -> None:
         """Handle one client frame; every failure becomes an `error` event."""
+        async with self._turn:
+            await self._handle_frame(raw)
+
+    async def _handle_frame(self, raw: str | bytes) -> None:
         session_id: str | None = None
         try:
             # The limit is in bytes; a text frame arrives as str, whose non-ASCII characters take 2-4 bytes.
@@ -146,7 +162,7 @@ class Conversation:
                     "事件数据无效：消息过大，请把音频分成更小的片段发送",
                     details=describe(bytes=size, limit=self.services.settings.max_message_bytes),
                 )
-            event_type, data = parse_client_event(raw)
+            event_type, data = parse_client_event(raw, self.limits)
             metrics.EVENTS.labels(event_type).inc()
             if isinstance(data, SessionEvent):
                 session_id = data.session_id
@@ -157,28 +173,28 @@ class Conversation:
         except ProtocolError as error:
             if error.session_id is None:
                 error.session_id = session_id
-            log.info(
-                "client error",
-                extra={
-                    "session_id": error.session_id,
-                    "error_code": error.code.value,
-                    "connection_id": self.connection_id,
-                },
-            )
-            await self.send(error_event(error))
+            await self._report(error)
         except Exception:
             log.exception("internal error", extra={"session_id": session_id, "connection_id": self.connection_id})
             await self.send(error_event(ProtocolError(ErrorCode.INTERNAL_ERROR, session_id=session_id)))
 
+    async def _report(self, error: ProtocolError) -> None:
+        log.info(
+            "client error",
+            extra={"session_id": error.session_id, "error_code": error.code.value, "connection_id": self.connection_id},
+        )
+        await self.send(error_event(error))
+
     async def close(self) -> None:
         """The connection is gone: cancel its work, drop its recordings and sessions."""
-        for session_id in self.services.sessions.owned_by(self.connection_id):
-            await self._end_session(session_id)
-        self.services.sessions.forget_owner(self.connection_id)
+        async with self._turn:
+            for session_id in self.services.sessions.owned_by(self.connection_id):
+                await self._end_session(session_id)
+            self.services.sessions.forget_owner(self.connection_id)
 
     async def _end_session(self, session_id: str) -> None:
         self.services.generations.cancel(session_id)
-        self.refused.discard(session_id)
+        self.dropping.discard(session_id)
         await self.recordings.abort(session_id)
         self.services.sessions.end(session_id)
         metrics.SESSIONS.dec()
@@ -210,22 +226,65 @@ class Conversation:
 
     async def on_message_start(self, session: Session, data: MessageStart) -> None:
         self.services.generations.cancel(session.session_id)
+        self.dropping.discard(session.session_id)
         previous = self.recordings.get(session.session_id)
+        try:
+            self._check_room_for_a_recording(session, previous is not None)
+        except ProtocolError:
+            self.dropping.add(session.session_id)
+            raise
         if previous is not None and previous.stream.received_bytes:
             # A second message_start without message_end: the earlier recording is kept, not lost.
             await self._record_transcript(session, previous)
         elif previous is not None:
             await self.recordings.abort(session.session_id)
         on_partial = self._partial_sender(session.session_id) if session.partial_transcripts else None
-        self.refused.discard(session.session_id)
         try:
             with stt_errors(session.session_id):
                 stream = await self.services.transcriber.open_stream(on_partial)
         except ProtocolError:
-            self.refused.add(session.session_id)
+            self.dropping.add(session.session_id)
             raise
-        self.recordings.open(session.session_id, data.sender, stream)
+        wall_limit = self.services.settings.recording_wall_limit
+        self.recordings.open(session.session_id, data.sender, stream, wall_limit, self._on_wall_limit)
         await self.send(status_update_event(session.session_id, "recording_message"))
+
+    def _check_room_for_a_recording(self, session: Session, replacing: bool) -> None:
+        """A session holds at most MAX_MESSAGES_PER_SESSION messages, a connection at most
+        MAX_RECORDINGS_PER_CONNECTION open recordings (one client cannot hold the decoders)."""
+        settings = self.services.settings
+        self._check_message_room(session)
+        if not replacing and len(self.recordings) >= settings.max_recordings_per_connection:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                "本连接已有正在录制的消息，请先发送 message_end 结束它",
+                session_id=session.session_id,
+                details=describe(limit=settings.max_recordings_per_connection),
+            )
+
+    def _check_message_room(self, session: Session) -> None:
+        limit = self.services.settings.max_messages_per_session
+        if len(session.messages) >= limit:
+            raise ProtocolError(
+                ErrorCode.INVALID_EVENT_DATA,
+                "事件数据无效：本会话的消息数已达上限，请开始新的对话",
+                session_id=session.session_id,
+                details=describe(field="messages", limit=limit),
+            )
+
+    async def _on_wall_limit(self, recording: Recording) -> None:
+        """The recording stayed open RECORDING_WALL_LIMIT_SECONDS: it is finished and recorded as on message_end."""
+        async with self._turn:
+            if self.recordings.get(recording.session_id) is not recording:
+                return
+            session = self.services.sessions.get(recording.session_id, self.connection_id)
+            log.info("recording wall-clock limit reached", extra={"session_id": session.session_id})
+            try:
+                await self._end_message(session, recording)
+            except ProtocolError as error:
+                await self._report(error)
+                return
+            self.dropping.add(session.session_id)
 
     def _partial_sender(self, session_id: str) -> PartialCallback:
         async def send_partial(text: str) -> None:
@@ -241,7 +300,7 @@ class Conversation:
         return recording
 
     async def on_audio_stream(self, session: Session, data: AudioStream) -> None:
-        if session.session_id in self.refused:
+        if session.session_id in self.dropping:
             return
         recording = self._open_recording(session)
         if recording.full:
@@ -256,11 +315,13 @@ class Conversation:
             raise
 
     async def on_message_end(self, session: Session, data: MessageEnd) -> None:
-        if session.session_id in self.refused:
+        if session.session_id in self.dropping:
             # The refusal was answered at message_start; the app ends the recording it was refused.
-            self.refused.discard(session.session_id)
+            self.dropping.discard(session.session_id)
             return
-        recording = self._open_recording(session)
+        await self._end_message(session, self._open_recording(session))
+
+    async def _end_message(self, session: Session, recording: Recording) -> None:
         await self.send(status_update_event(session.session_id, "processing_stt"))
         await self._record_transcript(session, recording)
         await self.send(status_update_event(session.session_id, "generating_opinions"))
@@ -289,6 +350,14 @@ class Conversation:
         await self._generate_replies(session)
 
     async def on_user_modification(self, session: Session, data: UserModification) -> None:
+        limit = self.services.settings.max_modifications_per_session
+        if len(session.modifications) >= limit:
+            raise ProtocolError(
+                ErrorCode.INVALID_EVENT_DATA,
+                "事件数据无效：本会话的修改意见数已达上限",
+                session_id=session.session_id,
+                details=describe(field="modifications", limit=limit),
+            )
         session.modifications.append(data.modification)
         await self._generate_replies(session)
 
@@ -297,6 +366,7 @@ class Conversation:
         self._generate(Kind.REPLIES, session, focused=tuple(session.last_focus), opinion=session.last_opinion)
 
     async def on_user_selected_response(self, session: Session, data: UserSelectedResponse) -> None:
+        self._check_message_room(session)
         message = session.add_message(data.sender, data.selected_content, "selected")
         await self.send(
             message_recorded_event(session.session_id, message.message_id, message.content, data.sender, spoken=False)

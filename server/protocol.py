@@ -7,12 +7,15 @@ built only through the `*_event` helpers at the bottom, so their shapes live her
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Sized
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo
+from pydantic_core import PydanticCustomError
 
 
 class ErrorCode(StrEnum):
@@ -74,13 +77,56 @@ class ProtocolError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Client -> server
 
-RequiredText = Annotated[str, StringConstraints(min_length=1, strict=True)]
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one event may carry, far above what a real conversation needs and far below
+    what could exhaust a worker. The values come from the settings (MAX_TEXT_CHARS, ...); each
+    bounded field names its limit, and a value beyond it is INVALID_EVENT_DATA."""
+
+    text_chars: int
+    label_chars: int
+    list_items: int
+    history_messages: int
+
+
+# Which setting bounds a field, by `Limits` attribute (shown in docs/PROTOCOL.md).
+LIMIT_SETTINGS = {
+    "text_chars": "MAX_TEXT_CHARS",
+    "label_chars": "MAX_LABEL_CHARS",
+    "list_items": "MAX_LIST_ITEMS",
+    "history_messages": "MAX_HISTORY_MESSAGES",
+}
+LIMIT_UNITS = {
+    "text_chars": "characters",
+    "label_chars": "characters",
+    "list_items": "items",
+    "history_messages": "items",
+}
+
+
+def _bounded(limit: str) -> Any:
+    """Validator: the value's length is within `Limits.<limit>` of the validation context."""
+
+    def check(value: Sized, info: ValidationInfo) -> Sized:
+        maximum: int = getattr(info.context, limit)
+        if len(value) > maximum:
+            raise PydanticCustomError("too_long", "longer than {limit}", {"limit": maximum})
+        return value
+
+    return AfterValidator(check), Field(json_schema_extra={"x-limit": limit})
+
+
+TextOrEmpty = Annotated[str, Field(strict=True), *_bounded("text_chars")]
+RequiredText = Annotated[str, StringConstraints(min_length=1, strict=True), *_bounded("text_chars")]
+Label = Annotated[str, StringConstraints(min_length=1, strict=True), *_bounded("label_chars")]
+ProfileText = Annotated[str, Field(strict=True), *_bounded("label_chars")]
+ProfileList = Annotated[list[ProfileText], *_bounded("list_items")]
+# Session ids are echoed in errors and written to logs: only a short id of a fixed alphabet is.
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN, strict=True)]
+AudioChunk = Annotated[str, StringConstraints(min_length=1, strict=True)]
 ResponseCount = Annotated[int, Field(ge=1, le=5, strict=True)]
-# Profiles: far above what a person's card needs, far below what could exhaust a worker.
-PROFILE_TEXT_CHARS = 200
-PROFILE_LIST_ITEMS = 50
-ProfileText = Annotated[str, StringConstraints(max_length=PROFILE_TEXT_CHARS, strict=True)]
-ProfileList = Annotated[list[ProfileText], Field(max_length=PROFILE_LIST_ITEMS)]
 
 
 class _EventData(BaseModel):
@@ -118,21 +164,17 @@ class Profile(_EventData):
 class HistoryMessage(_EventData):
     """One earlier message of the conversation, as the client stored it."""
 
-    message_id: RequiredText = Field(description="The client's id for the message; the server keeps it.")
-    sender: RequiredText = Field(description="Who said it.")
-    content: Annotated[str, Field(strict=True)] = Field(
-        description='What was said; `""` for a recording without recognised speech.'
-    )
+    message_id: Label = Field(description="The client's id for the message; the server keeps it.")
+    sender: Label = Field(description="Who said it.")
+    content: TextOrEmpty = Field(description='What was said; `""` for a recording without recognised speech.')
 
 
 class ConversationStart(_EventData):
     """Creates a session."""
 
     response_count: ResponseCount = Field(description="How many reply suggestions each generation returns.")
-    scenario_description: Annotated[str, Field(strict=True)] = Field(
-        "", description="Where the conversation takes place and with whom."
-    )
-    history_messages: list[HistoryMessage] = Field(
+    scenario_description: TextOrEmpty = Field("", description="Where the conversation takes place and with whom.")
+    history_messages: Annotated[list[HistoryMessage], *_bounded("history_messages")] = Field(
         default_factory=list, description="Earlier messages of the conversation, oldest first."
     )
     user_profile: Profile | None = Field(None, description="The app's user (who has the speech impairment).")
@@ -143,24 +185,25 @@ class ConversationStart(_EventData):
 
 
 class SessionEvent(_EventData):
-    session_id: RequiredText = Field(
-        description="From `session_created`; only the connection that created it may use it."
+    session_id: SessionId = Field(
+        description="From `session_created`; only the connection that created it may use it. "
+        "At most 64 characters of `A-Z a-z 0-9 _ -`."
     )
 
 
 class MessageStart(SessionEvent):
     """Cancels the session's running generations and opens a recording for `sender`."""
 
-    sender: RequiredText = Field(description="Who speaks in this recording.")
+    sender: Label = Field(description="Who speaks in this recording.")
 
 
 class AudioStream(SessionEvent):
     """Appends base64 PCM (s16le) to the open recording."""
 
-    audio_chunk: RequiredText = Field(
+    audio_chunk: AudioChunk = Field(
         description="Base64 of the PCM bytes, a whole number of samples (frames if stereo)."
     )
-    format: str | None = Field(
+    format: Annotated[str, StringConstraints(max_length=32)] | None = Field(
         None, description="The audio encoding: 16-bit PCM only, under any of its accepted names."
     )
     sample_rate: Annotated[int, Field(ge=8000, le=48000)] | None = Field(
@@ -178,13 +221,13 @@ class MessageEnd(SessionEvent):
 class ManualGenerate(SessionEvent):
     """Generates `response_count` replies now (cancels a running opinion generation)."""
 
-    focused_message_ids: list[RequiredText] = Field(
+    focused_message_ids: Annotated[list[Label], *_bounded("list_items")] = Field(
         default_factory=list, description="Ids of the messages the replies should answer in particular."
     )
-    user_opinion: Annotated[str, Field(strict=True)] = Field(
+    user_opinion: TextOrEmpty = Field(
         "", description="The stance the replies should take, e.g. a chosen opinion suggestion."
     )
-    user_corpus: Annotated[str, Field(strict=True)] = Field(
+    user_corpus: TextOrEmpty = Field(
         "",
         description="The current app's name for `user_opinion` (its typed opinion); used when `user_opinion` is empty.",
     )
@@ -204,7 +247,7 @@ class UserSelectedResponse(SessionEvent):
     """Records the reply the user chose."""
 
     selected_content: RequiredText = Field(description="The chosen reply, recorded as a message.")
-    sender: RequiredText = Field(description="Who says it (the user).")
+    sender: Label = Field(description="Who says it (the user).")
 
 
 class ScenarioSupplement(SessionEvent):
@@ -258,17 +301,25 @@ def _invalid_data(error: ValidationError, session_id: str | None) -> ProtocolErr
         reason = f"字段 {field} 不能为空"
     elif kind in {"greater_than_equal", "less_than_equal"}:
         reason = f"字段 {field} 超出允许范围"
+    elif kind in {"too_long", "string_too_long"}:
+        reason = f"字段 {field} 超过长度上限"
     else:
         reason = f"字段 {field} 的类型或取值无效"
+    items: dict[str, object] = {"field": field, "reason": kind}
+    limit = (first.get("ctx") or {}).get("limit", (first.get("ctx") or {}).get("max_length"))
+    if limit is not None:
+        items["limit"] = limit
     return ProtocolError(
-        ErrorCode.INVALID_EVENT_DATA,
-        f"事件数据无效：{reason}",
-        session_id=session_id,
-        details=describe(field=field, reason=kind),
+        ErrorCode.INVALID_EVENT_DATA, f"事件数据无效：{reason}", session_id=session_id, details=describe(**items)
     )
 
 
-def parse_client_event(raw: str | bytes) -> tuple[str, _EventData]:
+def valid_session_id(value: object) -> str | None:
+    """The value if it is a well-formed session id, else None: only such ids are echoed or logged."""
+    return value if isinstance(value, str) and re.fullmatch(SESSION_ID_PATTERN, value) else None
+
+
+def parse_client_event(raw: str | bytes, limits: Limits) -> tuple[str, _EventData]:
     """Validate one client frame; raise ProtocolError with the protocol's error code."""
     try:
         frame = orjson.loads(raw)
@@ -289,9 +340,9 @@ def parse_client_event(raw: str | bytes) -> tuple[str, _EventData]:
         raise ProtocolError(ErrorCode.MISSING_REQUIRED_FIELD, details=describe(field="data"))
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.INVALID_EVENT_DATA, "事件数据无效：data 必须是 JSON 对象")
-    session_id = data.get("session_id") if isinstance(data.get("session_id"), str) else None
+    session_id = valid_session_id(data.get("session_id"))
     try:
-        return event_type, CLIENT_EVENTS[event_type].model_validate(data)
+        return event_type, CLIENT_EVENTS[event_type].model_validate(data, context=limits)
     except ValidationError as error:
         raise _invalid_data(error, session_id) from None
 

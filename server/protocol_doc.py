@@ -17,9 +17,12 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from config import Settings
+from config.settings import RECORDING_WALL_MARGIN_SECONDS
 from server.protocol import (
     CLIENT_EVENTS,
     ERROR_MESSAGES,
+    LIMIT_SETTINGS,
+    LIMIT_UNITS,
     PCM_FORMATS,
     SERVER_EVENTS,
     STATUS_MESSAGES,
@@ -62,18 +65,24 @@ def _constraints(schema: dict[str, Any], strict: bool) -> list[str]:
         found.append("non-empty")
     if "minimum" in schema and "maximum" in schema:
         found.append(f"{schema['minimum']}–{schema['maximum']}")
-    if "maxLength" in schema:
-        found.append(f"at most {schema['maxLength']} characters")
+    if "x-limit" in schema:
+        found.append(_limit(schema["x-limit"]))
+    if "pattern" in schema:
+        found.append(f"matches `{schema['pattern']}`")
     if schema.get("type") == "array":
-        if "maxItems" in schema:
-            found.append(f"at most {schema['maxItems']} items")
         if schema["items"].get("minLength") == 1:
             found.append("items non-empty")
-        if "maxLength" in schema["items"]:
-            found.append(f"items at most {schema['items']['maxLength']} characters")
+        if "x-limit" in schema["items"]:
+            found.append("items " + _limit(schema["items"]["x-limit"]))
     if strict:
         found.append("exact type")
     return found
+
+
+def _limit(name: str) -> str:
+    setting = LIMIT_SETTINGS[name]
+    default = Settings.model_fields[setting.lower()].default
+    return f"at most `{setting}` {LIMIT_UNITS[name]} (default {default})"
 
 
 def _default(field: FieldInfo) -> str:
@@ -143,6 +152,15 @@ def render() -> str:
         "max_sessions": defaults["max_sessions_per_connection"],
         "websocket_timeout": f"{defaults['websocket_timeout']:g}",
         "partial_interval_ms": defaults["partial_interval_ms"],
+        "max_text_chars": defaults["max_text_chars"],
+        "max_label_chars": defaults["max_label_chars"],
+        "max_list_items": defaults["max_list_items"],
+        "max_history_messages": defaults["max_history_messages"],
+        "max_messages_per_session": defaults["max_messages_per_session"],
+        "max_modifications_per_session": defaults["max_modifications_per_session"],
+        "max_recordings_per_connection": defaults["max_recordings_per_connection"],
+        "max_ended_sessions": defaults["max_ended_sessions_per_connection"],
+        "wall_margin": f"{RECORDING_WALL_MARGIN_SECONDS:g}",
     }
     text = Template(TEMPLATE.read_text(encoding="utf-8")).substitute(values)
     return text.rstrip("\n") + "\n"

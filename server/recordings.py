@@ -7,7 +7,9 @@ from the recordings that really exist.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from server import metrics
@@ -21,6 +23,10 @@ class Recording:
     stream: TranscriptStream
     # The stream refused audio beyond the maximum length; later chunks are dropped.
     full: bool = False
+    wall_clock: asyncio.Task[None] | None = None
+
+
+WallLimitReached = Callable[[Recording], Awaitable[None]]
 
 
 class Recordings:
@@ -33,11 +39,22 @@ class Recordings:
     def get(self, session_id: str) -> Recording | None:
         return self._open.get(session_id)
 
-    def open(self, session_id: str, sender: str, stream: TranscriptStream) -> Recording:
+    def open(
+        self, session_id: str, sender: str, stream: TranscriptStream, wall_limit: float, on_wall_limit: WallLimitReached
+    ) -> Recording:
+        """Open a recording; if it is still open `wall_limit` seconds later, `on_wall_limit` runs."""
         recording = Recording(session_id, sender, stream)
         self._open[session_id] = recording
         metrics.RECORDINGS.inc()
+        recording.wall_clock = asyncio.create_task(
+            self._expire(recording, wall_limit, on_wall_limit), name=f"recording-wall-clock:{session_id}"
+        )
         return recording
+
+    async def _expire(self, recording: Recording, wall_limit: float, on_wall_limit: WallLimitReached) -> None:
+        await asyncio.sleep(wall_limit)
+        if self._open.get(recording.session_id) is recording:
+            await on_wall_limit(recording)
 
     async def append(self, recording: Recording, pcm: bytes, sample_rate: int) -> None:
         """Hand PCM to the stream; whatever it kept counts as received, even when it refuses the rest."""
@@ -70,4 +87,7 @@ class Recordings:
         recording = self._open.pop(session_id, None)
         if recording is not None:
             metrics.RECORDINGS.dec()
+            # The wall clock may be what is closing the recording: it must not cancel itself.
+            if recording.wall_clock is not None and recording.wall_clock is not asyncio.current_task():
+                recording.wall_clock.cancel()
         return recording

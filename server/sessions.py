@@ -8,6 +8,7 @@ running generations) lives with the connection and the generation manager.
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -91,10 +92,13 @@ def _person(profile: Profile | None) -> PersonProfile | None:
 class SessionStore:
     """In-memory sessions of one worker, each owned by exactly one connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_ended_per_owner: int) -> None:
         self._sessions: dict[str, Session] = {}
         self._owners: dict[str, str] = {}
-        self._ended: dict[str, str] = {}
+        # The sessions each connection ended, newest last, so that their ids answer SESSION_EXPIRED;
+        # bounded, so a connection that starts and ends sessions for ever holds no growing list.
+        self._ended: dict[str, deque[str]] = {}
+        self._max_ended = max_ended_per_owner
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -106,7 +110,7 @@ class SessionStore:
             found = self.get(probe.session_id, PROBE_OWNER) is probe
         finally:
             self.end(probe.session_id)
-            self._ended.pop(probe.session_id, None)
+            self._ended.pop(PROBE_OWNER, None)
         consistent = self._sessions.keys() == self._owners.keys()
         return "healthy" if found and consistent else "degraded"
 
@@ -120,7 +124,7 @@ class SessionStore:
         """The session if `owner` owns it; another connection's session is reported as not found."""
         if self._owners.get(session_id) == owner:
             return self._sessions[session_id]
-        if self._ended.get(session_id) == owner:
+        if session_id in self._ended.get(owner, ()):
             raise ProtocolError(ErrorCode.SESSION_EXPIRED, session_id=session_id)
         raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, session_id=session_id)
 
@@ -128,7 +132,7 @@ class SessionStore:
         owner = self._owners.pop(session_id, None)
         self._sessions.pop(session_id, None)
         if owner is not None:
-            self._ended[session_id] = owner
+            self._ended.setdefault(owner, deque(maxlen=self._max_ended)).append(session_id)
 
     def owned_by(self, owner: str) -> list[str]:
         return [sid for sid, who in self._owners.items() if who == owner]
@@ -137,4 +141,4 @@ class SessionStore:
         """Drop everything a closed connection owned, ended sessions included."""
         for session_id in self.owned_by(owner):
             self.end(session_id)
-        self._ended = {sid: who for sid, who in self._ended.items() if who != owner}
+        self._ended.pop(owner, None)

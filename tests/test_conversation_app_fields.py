@@ -6,12 +6,15 @@ from typing import Any
 
 import pytest
 
+from config import Settings
 from harness.client import b64, details_of
 from llm.interface import PersonProfile
-from server.protocol import PROFILE_LIST_ITEMS, PROFILE_TEXT_CHARS
 from stt_pool.errors import SttOverloaded
 from tests.conftest import speech
 from tests.support.inprocess import Connect, FakeTranscriber, InProcessClient
+
+PROFILE_TEXT_CHARS = Settings.model_fields["max_label_chars"].default
+PROFILE_LIST_ITEMS = Settings.model_fields["max_list_items"].default
 
 
 def context_of(client: InProcessClient, session_id: str) -> Any:

@@ -61,13 +61,14 @@ async def test_the_open_recordings_gauge_counts_open_finished_and_dropped_record
     connect: Connect, services: Services
 ) -> None:
     before = open_recordings()
-    async with connect() as client:
-        first, second = await client.create_session(), await client.create_session()
-        await client.open_recording(first)
-        await client.open_recording(second)
-        assert open_recordings() == before + 2
-        await client.send_audio(first, speech(0.5))
-        await client.finish_recording(first)
-        assert open_recordings() == before + 1
-    assert open_recordings() == before, "closing the connection dropped the other recording"
+    async with connect() as first:
+        async with connect() as second:
+            first_id, second_id = await first.create_session(), await second.create_session()
+            await first.open_recording(first_id)
+            await second.open_recording(second_id)
+            assert open_recordings() == before + 2
+            await first.send_audio(first_id, speech(0.5))
+            await first.finish_recording(first_id)
+            assert open_recordings() == before + 1
+        assert open_recordings() == before, "closing the connection dropped its recording"
     assert len(services.sessions) == 0

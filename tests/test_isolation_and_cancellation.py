@@ -14,7 +14,7 @@ import pytest
 
 from harness.client import EventClient, b64
 from tests.conftest import speech
-from tests.support.inprocess import Connect, build_services, connector
+from tests.support.inprocess import Connect, build_services, connector, settings_with
 
 # The mock provider's latency here: long enough to cancel a generation in flight.
 LLM_DELAY = 0.5
@@ -25,7 +25,8 @@ GENERATION_TIMEOUT = LLM_DELAY + 10
 
 @pytest.fixture
 def slow() -> Connect:
-    return connector(build_services(llm_delay=LLM_DELAY))
+    # Several sessions of one connection record at once here.
+    return connector(build_services(settings_with(max_recordings_per_connection=4), llm_delay=LLM_DELAY))
 
 
 async def open_recording_with_audio(client: EventClient, session_id: str, sender: str = "对方") -> None:

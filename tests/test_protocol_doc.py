@@ -9,13 +9,12 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
+from config import Settings
 from harness.server import ROOT
 from server.protocol import (
     CLIENT_EVENTS,
     ERROR_MESSAGES,
     PCM_FORMATS,
-    PROFILE_LIST_ITEMS,
-    PROFILE_TEXT_CHARS,
     SERVER_EVENTS,
     STATUS_MESSAGES,
     ErrorCode,
@@ -71,14 +70,16 @@ def test_every_client_event_is_documented_with_each_of_its_fields() -> None:
 def test_nested_objects_and_every_option_are_documented() -> None:
     doc = render()
     history = section(doc, "### Nested object: history message")
+    label = "at most `MAX_LABEL_CHARS` characters (default 200)"
     for name in ("message_id", "sender"):
-        assert f"| `{name}` | string | required | non-empty, exact type |" in history
-    assert "| `content` | string | required | exact type |" in history, "a silent recording's content is empty"
+        assert f"| `{name}` | string | required | non-empty, {label}, exact type |" in history
+    text = "at most `MAX_TEXT_CHARS` characters (default 4000)"
+    assert f"| `content` | string | required | {text}, exact type |" in history, "a silent recording's content is empty"
     assert set(HistoryMessage.model_fields) == {"message_id", "sender", "content"}
     profile = section(doc, "### Nested object: profile")
     for name in Profile.model_fields:
         assert f"| `{name}` |" in profile
-    assert f"at most {PROFILE_LIST_ITEMS} items, items at most {PROFILE_TEXT_CHARS} characters" in profile
+    assert "at most `MAX_LIST_ITEMS` items (default 50), items at most `MAX_LABEL_CHARS` characters" in profile
     options = section(doc, "## Opt-in options")
     for name, field in SessionOptions.model_fields.items():
         assert f"| `{name}` |" in options
@@ -115,6 +116,23 @@ def test_default_sequences_name_every_client_event_and_audio_lists_every_format(
     assert "MAX_MESSAGE_BYTES" in audio
 
 
+def test_every_limit_setting_is_documented_with_its_default() -> None:
+    limits = " ".join(section(render(), "## Limits").split())
+    for name in (
+        "max_text_chars",
+        "max_label_chars",
+        "max_list_items",
+        "max_history_messages",
+        "max_messages_per_session",
+        "max_modifications_per_session",
+        "max_recordings_per_connection",
+        "max_ended_sessions_per_connection",
+    ):
+        assert f"`{name.upper()}`" in limits
+        assert f"(default {Settings.model_fields[name].default})" in limits
+    assert "`RECORDING_WALL_LIMIT_SECONDS`" in limits
+
+
 def test_http_endpoints_are_documented() -> None:
     http = section(render(), "## HTTP endpoints")
     for endpoint in ("GET /`", "GET /conversation/health", "GET /metrics", "GET /docs", "/docs/openapi.json"):
@@ -132,9 +150,11 @@ def test_field_table_renders_type_requirement_constraints_and_description() -> N
     assert field_table(Example).splitlines() == [
         "| field | type | required | constraints | description |",
         "|---|---|---|---|---|",
-        "| `name` | string | required | non-empty, exact type | A \\| name |",
+        "| `name` | string | required | non-empty, at most `MAX_TEXT_CHARS` characters (default 4000), exact type "
+        "| A \\| name |",
         "| `count` | integer | required | 1–5, exact type |  |",
         "| `rate` | integer or null | optional, default `null` | 8000–48000 |  |",
-        "| `tags` | list of string | optional, default `[]` | items non-empty |  |",
+        "| `tags` | list of string | optional, default `[]` | items non-empty, "
+        "items at most `MAX_TEXT_CHARS` characters (default 4000) |  |",
         "| `nested` | object (HistoryMessage) or null | optional, default `null` | — |  |",
     ]

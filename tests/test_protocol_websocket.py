@@ -7,11 +7,16 @@ workers.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import orjson
+import psutil
 import pytest
 import websockets
 
-from harness.client import ProtocolClient
+from config import Settings
+from harness.client import ProtocolClient, b64, details_of
 from harness.server import ServerProcess
 from tests.conftest import LIMITED_MESSAGE_BYTES, speech
 
@@ -70,3 +75,67 @@ async def test_a_frame_beyond_four_times_the_limit_is_refused_by_the_websocket_l
         assert closed.value.rcvd.code == 1009
     async with ProtocolClient(limited_server.ws_url) as client:
         await client.still_works(await client.create_session())
+
+
+def service_rss(server: ServerProcess) -> int:
+    """Resident memory of the service's processes (the Sanic main process and its workers)."""
+    assert server.process is not None
+    main = psutil.Process(server.process.pid)
+    return sum(process.memory_info().rss for process in [main, *main.children(recursive=True)])
+
+
+@pytest.mark.parametrize(
+    ("event", "field"),
+    [("user_selected_response", "selected_content"), ("user_modification", "modification")],
+)
+async def test_huge_text_fields_are_refused_and_the_worker_does_not_grow(
+    server: ServerProcess, event: str, field: str
+) -> None:
+    """The attack: 60 frames of 3.9 MB text once grew a worker by 400 MB; each is now refused."""
+    frame_limit = Settings.model_fields["max_message_bytes"].default
+    text_bytes = min(3_900_000, frame_limit - 1024)
+    frames = -(-60 * 3_900_000 // text_bytes)
+    async with ProtocolClient(server.ws_url) as client:
+        session_id = await client.create_session()
+        before = service_rss(server)
+        extra = {"sender": "我"} if event == "user_selected_response" else {}
+        payload = {"session_id": session_id, field: "x" * text_bytes, **extra}
+        frame = orjson.dumps({"type": event, "data": payload}).decode()
+        for _ in range(frames):
+            await client.send_raw(frame)
+            error = await client.expect_error("INVALID_EVENT_DATA", session_id)
+            assert details_of(error)["field"] == field
+        grown = service_rss(server) - before
+        await client.still_works(session_id)
+    assert grown < 64 * 2**20, f"the service grew by {grown / 2**20:.0f} MB for refused frames"
+
+
+@pytest.fixture(scope="module")
+def trickle_server() -> Iterator[ServerProcess]:
+    with ServerProcess(RECORDING_WALL_LIMIT_SECONDS=1) as started:
+        yield started
+
+
+async def test_a_recording_kept_open_by_a_trickle_is_recorded_at_the_wall_clock_limit(
+    trickle_server: ServerProcess,
+) -> None:
+    async with ProtocolClient(trickle_server.ws_url) as client:
+        first, second = await client.create_session(), await client.create_session()
+        await client.open_recording(first)
+        await client.send("message_start", session_id=second, sender="对方")
+        await client.expect_error("RATE_LIMITED", second)
+        events = []
+        for _ in range(25):  # a tiny frame every 0.1 s, past the 1 s limit
+            await client.send("audio_stream", session_id=first, audio_chunk=b64(speech(0.05)))
+            with contextlib.suppress(TimeoutError):
+                events.append(await client.recv(0.1))
+        events += [await client.recv() for _ in range(4 - len(events))]
+        assert [event["type"] for event in events] == [
+            "status_update",
+            "message_recorded",
+            "status_update",
+            "opinion_suggestions",
+        ], events
+        assert events[1]["data"]["message_content"], "what the trickle sent is recorded"
+        await client.expect_silence(0.3)
+        await client.record(second, speech(0.5), "msg_001")

@@ -21,19 +21,21 @@ from server.conversation import Conversation, Services
 from server.generation import GenerationManager
 from server.protocol import Event, encode
 from server.sessions import SessionStore
-from stt_pool.errors import SttError
+from stt_pool.errors import SttError, SttOverloaded
 from stt_pool.interface import PartialCallback, Transcriber, TranscriptStream
 from stt_pool.mock import MockTranscriber
 
 
 class FakeTranscriber(MockTranscriber):
-    """The mock transcriber, plus failures queued by the test: `refuse` for opens, `fail_finish` for finishes."""
+    """The mock transcriber, plus failures queued by the test (`refuse` for opens, `fail_finish` for
+    finishes) and an optional capacity: beyond `capacity` open streams, opens are SttOverloaded."""
 
-    def __init__(self, sample_rate: int, max_seconds: float) -> None:
+    def __init__(self, sample_rate: int, max_seconds: float, capacity: int | None = None) -> None:
         super().__init__(sample_rate, max_seconds)
         self.refusals: deque[SttError] = deque()
         self.finish_failures: deque[SttError] = deque()
-        self.opened: list[TranscriptStream] = []
+        self.capacity = capacity
+        self.open_streams = 0
 
     def refuse(self, error: SttError, times: int = 1) -> None:
         self.refusals.extend([error] * times)
@@ -44,16 +46,25 @@ class FakeTranscriber(MockTranscriber):
     async def open_stream(self, on_partial: PartialCallback | None = None) -> TranscriptStream:
         if self.refusals:
             raise self.refusals.popleft()
+        if self.capacity is not None and self.open_streams >= self.capacity:
+            raise SttOverloaded("every decoder is busy")
         stream = await super().open_stream(on_partial)
-        finish = stream.finish
+        finish, abort = stream.finish, stream.abort
+        self.open_streams += 1
 
         async def finish_or_fail() -> str:
             if self.finish_failures:
                 raise self.finish_failures.popleft()
-            return await finish()
+            text = await finish()
+            self.open_streams -= 1
+            return text
+
+        async def release() -> None:
+            await abort()
+            self.open_streams -= 1
 
         stream.finish = finish_or_fail  # type: ignore[method-assign]
-        self.opened.append(stream)
+        stream.abort = release  # type: ignore[method-assign]
         return stream
 
 
@@ -68,7 +79,7 @@ def build_services(
     settings = settings or settings_with()
     return Services(
         settings=settings,
-        sessions=SessionStore(),
+        sessions=SessionStore(settings.max_ended_sessions_per_connection),
         transcriber=transcriber or FakeTranscriber(settings.client_sample_rate, settings.max_recording_seconds),
         generations=GenerationManager(MockProvider(llm_delay), settings.llm_timeout),
     )
