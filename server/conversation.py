@@ -89,6 +89,17 @@ def stt_protocol_error(
     return ProtocolError(ErrorCode.STT_SERVICE_ERROR, message, session_id=session_id)
 
 
+def _check_room(session: Session, field: str, held: int, limit: int, reason: str) -> None:
+    """A per-session list (MAX_MESSAGES_PER_SESSION, ...) takes no more items once full."""
+    if held >= limit:
+        raise ProtocolError(
+            ErrorCode.INVALID_EVENT_DATA,
+            f"事件数据无效：{reason}",
+            session_id=session.session_id,
+            details=describe(field=field, limit=limit),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Services:
     """What every connection of a worker shares."""
@@ -264,22 +275,16 @@ class Conversation:
 
     def _check_message_room(self, session: Session) -> None:
         limit = self.services.settings.max_messages_per_session
-        if len(session.messages) >= limit:
-            raise ProtocolError(
-                ErrorCode.INVALID_EVENT_DATA,
-                "事件数据无效：本会话的消息数已达上限，请开始新的对话",
-                session_id=session.session_id,
-                details=describe(field="messages", limit=limit),
-            )
+        _check_room(session, "messages", len(session.messages), limit, "本会话的消息数已达上限，请开始新的对话")
 
     async def _on_wall_limit(self, recording: Recording) -> None:
         """The recording stayed open RECORDING_WALL_LIMIT_SECONDS: it is finished and recorded as on message_end."""
         async with self._turn:
             if self.recordings.get(recording.session_id) is not recording:
                 return
-            session = self.services.sessions.get(recording.session_id, self.connection_id)
-            log.info("recording wall-clock limit reached", extra={"session_id": session.session_id})
+            log.info("recording wall-clock limit reached", extra={"session_id": recording.session_id})
             try:
+                session = self.services.sessions.get(recording.session_id, self.connection_id)
                 await self._end_message(session, recording)
             except ProtocolError as error:
                 await self._report(error)
@@ -351,13 +356,7 @@ class Conversation:
 
     async def on_user_modification(self, session: Session, data: UserModification) -> None:
         limit = self.services.settings.max_modifications_per_session
-        if len(session.modifications) >= limit:
-            raise ProtocolError(
-                ErrorCode.INVALID_EVENT_DATA,
-                "事件数据无效：本会话的修改意见数已达上限",
-                session_id=session.session_id,
-                details=describe(field="modifications", limit=limit),
-            )
+        _check_room(session, "modifications", len(session.modifications), limit, "本会话的修改意见数已达上限")
         session.modifications.append(data.modification)
         await self._generate_replies(session)
 

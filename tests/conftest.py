@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from harness.fake_openrouter import FakeOpenRouter
 from harness.server import ServerProcess
 from server.conversation import Services
+from tests.support.apps import start_app_backend
 from tests.support.inprocess import Connect, FakeTranscriber, build_services, connector
 
 WORKER_COUNTS = (1, 2)
@@ -80,6 +82,24 @@ def limited_server(workers: int) -> Iterator[ServerProcess]:
         MAX_RECORDING_SECONDS=LIMITED_RECORDING_SECONDS,
     ) as started:
         yield started
+
+
+@pytest.fixture(scope="session")
+def app_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, FakeOpenRouter]]:
+    """The backend of the app replay suites (tests/support/apps.py), shared by both app generations."""
+    with start_app_backend(tmp_path_factory.mktemp("model")) as started:
+        yield started
+
+
+@pytest.fixture
+def app_server(app_backend: tuple[ServerProcess, FakeOpenRouter]) -> ServerProcess:
+    app_backend[1].reset()
+    return app_backend[0]
+
+
+@pytest.fixture
+def fake_provider(app_backend: tuple[ServerProcess, FakeOpenRouter]) -> FakeOpenRouter:
+    return app_backend[1]
 
 
 @pytest.fixture(scope="session")

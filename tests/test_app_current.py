@@ -8,14 +8,10 @@ carry `duration`/`format`/`sample_rate`/`channels`, `manual_generate` with `user
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from harness.fake_openrouter import FakeOpenRouter, Reply
 from harness.server import ServerProcess
 from harness.speech import read_pcm
-from tests.support.apps import MAX_RECORDING_SECONDS, AppClient, app_backend, cast
+from tests.support.apps import MAX_RECORDING_SECONDS, AppClient, cast
 
 HISTORY = [
     {"message_id": "msg_1732950000101", "sender": "医生", "content": "最近睡得怎么样？"},
@@ -44,23 +40,6 @@ APP_AUDIO_FIELDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, FakeOpenRouter]]:
-    with app_backend(tmp_path_factory.mktemp("model")) as started:
-        yield started
-
-
-@pytest.fixture
-def server(backend: tuple[ServerProcess, FakeOpenRouter]) -> ServerProcess:
-    backend[1].reset()
-    return backend[0]
-
-
-@pytest.fixture
-def fake(backend: tuple[ServerProcess, FakeOpenRouter]) -> FakeOpenRouter:
-    return backend[1]
-
-
 async def record(app: AppClient, session_id: str, pcm: bytes, sender: str = "医生") -> dict[str, object]:
     """Hold the record button: message_start, 1 s chunks, message_end; returns the recorded message."""
     await app.send("message_start", session_id=session_id, sender=sender)
@@ -84,8 +63,8 @@ async def generate(app: AppClient, session_id: str, corpus: str) -> list[str]:
     return await app.read_suggestions("llm_response")
 
 
-async def test_a_whole_conversation(server: ServerProcess, fake: FakeOpenRouter) -> None:
-    async with AppClient(server.ws_url) as app:
+async def test_a_whole_conversation(app_server: ServerProcess, fake_provider: FakeOpenRouter) -> None:
+    async with AppClient(app_server.ws_url) as app:
         await app.send(
             "conversation_start",
             scenario_description="社区医院复诊",
@@ -114,7 +93,7 @@ async def test_a_whole_conversation(server: ServerProcess, fake: FakeOpenRouter)
         assert cast(archive, "target_profile", "Map") == TARGET_PROFILE
         assert archive["user_profile"] is None
         await app.expect_silence(0.5)
-    prompts = [request.prompt for request in fake.requests if request.task == "replies"]
+    prompts = [request.prompt for request in fake_provider.requests if request.task == "replies"]
     assert len(prompts) == 3
     assert "【用户的观点】（无）" in prompts[0], "an empty user_corpus is no opinion"
     assert "想问能不能换一种药" in prompts[1], "user_corpus reaches the prompt"
@@ -123,9 +102,9 @@ async def test_a_whole_conversation(server: ServerProcess, fake: FakeOpenRouter)
     assert "[msg_1732950000102] 医生：（无语音内容）" in prompts[0], "the silent history message is kept"
 
 
-async def test_a_refused_recording_is_one_error_and_its_stray_chunks_are_dropped(server: ServerProcess) -> None:
+async def test_a_refused_recording_is_one_error_and_its_stray_chunks_are_dropped(app_server: ServerProcess) -> None:
     pcm = read_pcm("ko_short.wav")
-    async with AppClient(server.ws_url) as other, AppClient(server.ws_url) as app:
+    async with AppClient(app_server.ws_url) as other, AppClient(app_server.ws_url) as app:
         await other.send("conversation_start", response_count=3, history_messages=[])
         other_id = await other.read_session_created()
         await other.send("message_start", session_id=other_id, sender="医生")  # takes the only decoder slot
@@ -146,9 +125,9 @@ async def test_a_refused_recording_is_one_error_and_its_stray_chunks_are_dropped
 
 
 async def test_every_error_the_app_can_trigger_is_an_event_it_can_read(
-    server: ServerProcess, fake: FakeOpenRouter
+    app_server: ServerProcess, fake_provider: FakeOpenRouter
 ) -> None:
-    async with AppClient(server.ws_url) as app:
+    async with AppClient(app_server.ws_url) as app:
         await app.send("conversation_start", response_count=2, history_messages=[], target_profile={"name": "小李"})
         session_id = await app.read_session_created()
         await app.send("heartbeat")
@@ -166,7 +145,7 @@ async def test_every_error_the_app_can_trigger_is_an_event_it_can_read(
         await app.read_status("generating_opinions")
         await app.read_suggestions("opinion_suggestions")
         # The provider fails.
-        fake.set_default(Reply(status=500), task="replies")
+        fake_provider.set_default(Reply(status=500), task="replies")
         await app.send("manual_generate", session_id=session_id, focused_message_ids=[], user_corpus="")
         await app.read_status("generating_response")
         await app.read_error("LLM_SERVICE_ERROR")
@@ -181,12 +160,12 @@ async def test_every_error_the_app_can_trigger_is_an_event_it_can_read(
 
 
 async def test_after_a_reconnect_resume_and_the_old_session_id_answer_events_the_app_can_read(
-    server: ServerProcess,
+    app_server: ServerProcess,
 ) -> None:
-    async with AppClient(server.ws_url) as app:
+    async with AppClient(app_server.ws_url) as app:
         await app.send("conversation_start", response_count=2, history_messages=[])
         session_id = await app.read_session_created()
-    async with AppClient(server.ws_url) as app:
+    async with AppClient(app_server.ws_url) as app:
         await app.send("session_resume", session_id=session_id)
         kind, data = await app.next_event(10)
         if kind == "session_restored":

@@ -9,37 +9,16 @@ Event shapes and order are that app's (../shared/CLIENTS.md, "seed-era"): histor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from harness.fake_openrouter import FakeOpenRouter, Reply
 from harness.server import ServerProcess
 from harness.speech import read_pcm
-from tests.support.apps import MAX_RECORDING_SECONDS, AppClient, app_backend, cast
+from tests.support.apps import MAX_RECORDING_SECONDS, AppClient, cast
 
 HISTORY = [
     {"message_id": "1", "idx": 0, "time": "10:02", "is_me": False, "sender": "店员", "content": "您好，想买点什么？"},
     {"message_id": "2", "idx": 1, "time": "10:02", "is_me": True, "sender": "我", "content": "我想看看耳机。"},
 ]
 HALF_SECOND = 16000
-
-
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, FakeOpenRouter]]:
-    with app_backend(tmp_path_factory.mktemp("model")) as started:
-        yield started
-
-
-@pytest.fixture
-def server(backend: tuple[ServerProcess, FakeOpenRouter]) -> ServerProcess:
-    backend[1].reset()
-    return backend[0]
-
-
-@pytest.fixture
-def fake(backend: tuple[ServerProcess, FakeOpenRouter]) -> FakeOpenRouter:
-    return backend[1]
 
 
 async def read_recorded(app: AppClient) -> dict[str, object]:
@@ -62,8 +41,8 @@ async def record(app: AppClient, session_id: str, pcm: bytes, sender: str = "店
     return recorded
 
 
-async def test_a_whole_conversation(server: ServerProcess, fake: FakeOpenRouter) -> None:
-    async with AppClient(server.ws_url) as app:
+async def test_a_whole_conversation(app_server: ServerProcess, fake_provider: FakeOpenRouter) -> None:
+    async with AppClient(app_server.ws_url) as app:
         await app.send(
             "conversation_start",
             scenario_description="在商场买耳机",
@@ -94,15 +73,15 @@ async def test_a_whole_conversation(server: ServerProcess, fake: FakeOpenRouter)
         archive = await app.read("profile_archive")  # an event type this app ignores
         assert archive == {"session_id": session_id, "user_profile": None, "target_profile": None}
         await app.expect_silence(0.5)
-    prompts = [request.prompt for request in fake.requests if request.task == "replies"]
+    prompts = [request.prompt for request in fake_provider.requests if request.task == "replies"]
     assert "想要降噪的" in prompts[0], "user_opinion reaches the prompt"
     assert f"[msg_003] 店员：{recorded['content']} ★重点" in prompts[0]
     assert "预算三百元以内" in prompts[1] and "说得更简短" in prompts[1]
 
 
-async def test_a_refused_recording_is_one_error_and_its_stray_chunks_are_dropped(server: ServerProcess) -> None:
+async def test_a_refused_recording_is_one_error_and_its_stray_chunks_are_dropped(app_server: ServerProcess) -> None:
     pcm = read_pcm("ko_short.wav")
-    async with AppClient(server.ws_url) as other, AppClient(server.ws_url) as app:
+    async with AppClient(app_server.ws_url) as other, AppClient(app_server.ws_url) as app:
         await other.send("conversation_start", response_count=3)
         other_id = await other.read_session_created()
         await other.send("message_start", session_id=other_id, sender="店员")
@@ -120,9 +99,9 @@ async def test_a_refused_recording_is_one_error_and_its_stray_chunks_are_dropped
 
 
 async def test_every_error_the_app_can_trigger_is_an_event_it_can_read(
-    server: ServerProcess, fake: FakeOpenRouter
+    app_server: ServerProcess, fake_provider: FakeOpenRouter
 ) -> None:
-    async with AppClient(server.ws_url) as app:
+    async with AppClient(app_server.ws_url) as app:
         await app.send("conversation_start", response_count=2, username="小张")
         session_id = await app.read_session_created()
         await app.send("audio_stream", session_id=session_id, audio_chunk="AAAA")
@@ -139,7 +118,7 @@ async def test_every_error_the_app_can_trigger_is_an_event_it_can_read(
         await read_recorded(app)
         await app.read_status("generating_opinions")
         await app.read_suggestions("opinion_suggestions")
-        fake.set_default(Reply(status=500), task="replies")
+        fake_provider.set_default(Reply(status=500), task="replies")
         await app.send("manual_generate", session_id=session_id, focused_message_ids=["nope"], user_opinion="")
         await app.read_status("generating_response")
         await app.read_error("LLM_SERVICE_ERROR")

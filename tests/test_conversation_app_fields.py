@@ -125,15 +125,21 @@ async def test_a_heartbeat_is_accepted_silently(connect: Connect, frame: str) ->
         await client.still_works(session_id)
 
 
+async def refused_recording_streamed_on(client: InProcessClient, transcriber: FakeTranscriber) -> str:
+    """A session whose message_start was refused, while the app streams on: nothing answers the chunks."""
+    session_id = await client.create_session()
+    transcriber.refuse(SttOverloaded("full"))
+    await client.send("message_start", session_id=session_id, sender="对方")
+    await client.expect_error("STT_OVERLOADED", session_id)
+    await client.send_audio(session_id, speech(3.0))
+    return session_id
+
+
 async def test_after_a_refused_message_start_stray_audio_and_message_end_are_dropped_silently(
     connect: Connect, transcriber: FakeTranscriber
 ) -> None:
     async with connect() as client:
-        session_id = await client.create_session()
-        transcriber.refuse(SttOverloaded("full"))
-        await client.send("message_start", session_id=session_id, sender="对方")
-        await client.expect_error("STT_OVERLOADED", session_id)
-        await client.send_audio(session_id, speech(3.0))
+        session_id = await refused_recording_streamed_on(client, transcriber)
         await client.send("message_end", session_id=session_id)
         await client.still_works(session_id)
         # After that message_end the usual rule is back: no open recording is NO_ACTIVE_MESSAGE.
@@ -145,10 +151,6 @@ async def test_a_refused_message_start_then_an_accepted_one_records_only_the_new
     connect: Connect, transcriber: FakeTranscriber
 ) -> None:
     async with connect() as client:
-        session_id = await client.create_session()
-        transcriber.refuse(SttOverloaded("full"))
-        await client.send("message_start", session_id=session_id, sender="对方")
-        await client.expect_error("STT_OVERLOADED", session_id)
-        await client.send_audio(session_id, speech(2.0))
+        session_id = await refused_recording_streamed_on(client, transcriber)
         recorded = await client.record(session_id, speech(0.5), "msg_001")
         assert "0.5" in recorded["content"]

@@ -129,7 +129,7 @@ async def test_response_count_update_changes_the_count_of_later_replies(connect:
         await client.generate_replies(session_id, 1, event="user_modification", modification="更自然")
 
 
-async def test_scenario_supplement_response_count_update_and_conversation_end_send_nothing(
+async def test_supplement_count_update_and_heartbeat_send_nothing_and_conversation_end_answers_profile_archive(
     connect: Connect,
 ) -> None:
     async with connect() as client:
@@ -137,6 +137,7 @@ async def test_scenario_supplement_response_count_update_and_conversation_end_se
         await client.send("scenario_supplement", session_id=session_id, supplement="对方是医生")
         await client.send("scenario_supplement", session_id=session_id, supplement="对方是药剂师")
         await client.send("response_count_update", session_id=session_id, response_count=2)
+        await client.send("heartbeat")
         await client.expect_silence(0.1)
         # The next answer on the connection is the one to the next request: nothing came in between.
         await client.send("user_selected_response", session_id=session_id, selected_content="好的", sender="我")

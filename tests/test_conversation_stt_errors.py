@@ -8,7 +8,14 @@ from prometheus_client import REGISTRY
 from server.conversation import Services
 from stt_pool.errors import SttError, SttOverloaded, SttTimeout
 from tests.conftest import speech
-from tests.support.inprocess import Connect, FakeTranscriber
+from tests.support.inprocess import Connect, FakeTranscriber, build_services, connector, settings_with
+
+
+@pytest.fixture
+def transcriber_with_wall_limit() -> tuple[Connect, FakeTranscriber]:
+    settings = settings_with(recording_wall_limit_seconds=0.2)
+    transcriber = FakeTranscriber(settings.client_sample_rate, settings.max_recording_seconds)
+    return connector(build_services(settings, transcriber)), transcriber
 
 
 def open_recordings() -> float:
@@ -72,3 +79,18 @@ async def test_the_open_recordings_gauge_counts_open_finished_and_dropped_record
             assert open_recordings() == before + 1
         assert open_recordings() == before, "closing the connection dropped its recording"
     assert len(services.sessions) == 0
+
+
+async def test_a_failed_finish_at_the_wall_clock_limit_keeps_the_recording_for_message_end(
+    transcriber_with_wall_limit: tuple[Connect, FakeTranscriber],
+) -> None:
+    connect, transcriber = transcriber_with_wall_limit
+    async with connect() as client:
+        session_id = await client.create_session()
+        await client.open_recording(session_id)
+        await client.send_audio(session_id, speech(1.0))
+        transcriber.fail_finish(SttError("decoder lost"))
+        await client.expect_status("processing_stt", session_id)
+        await client.expect_error("STT_SERVICE_ERROR", session_id)
+        recorded = await client.finish_recording(session_id, "msg_001")
+        assert "1.0" in recorded["content"], "the audio was kept and message_end still works"

