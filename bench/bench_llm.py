@@ -41,7 +41,15 @@ def main() -> None:
 async def _run() -> None:
     with (
         FakeOpenRouter() as fake,
-        ServerProcess(OPENROUTER_API_KEY=KEY, OPENROUTER_BASE_URL=fake.url, LLM_MAX_RETRIES=0) as service,
+        # Every generation asks the provider: no prepared replies, no rate limit in the way.
+        ServerProcess(
+            OPENROUTER_API_KEY=KEY,
+            OPENROUTER_BASE_URL=fake.url,
+            LLM_MAX_RETRIES=0,
+            SPECULATIVE_REPLIES="false",
+            LLM_SESSION_BURST=1000,
+            LLM_SESSION_RATE_PER_MINUTE=6000,
+        ) as service,
     ):
         provider = OpenRouterProvider(api_key=KEY, base_url=fake.url, model="bench/model", max_retries=0)
         await provider.start()

@@ -17,9 +17,9 @@ from typing import Any
 import orjson
 
 from config import Settings
+from llm.redaction import REDACTED
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
-REDACTED = "[REDACTED]"
 
 
 class JsonFormatter(logging.Formatter):

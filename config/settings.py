@@ -43,7 +43,17 @@ class Settings(BaseSettings):
     openrouter_app_name: str = "AI Dialogue Assistant"
     llm_timeout: float = Field(30.0, gt=0, le=600)
     llm_max_retries: int = Field(2, ge=0, le=10)
-    llm_history_char_budget: int = Field(6000, ge=200, le=200_000)
+    # One budget for the whole prompt (system prompt, task, scenario, opinion, modifications, history).
+    llm_prompt_char_budget: int = Field(12000, ge=2000, le=200_000)
+    # Provider calls: a token bucket per session (refilled at the rate, holding at most the burst)
+    # and a cap on the calls in flight per worker; beyond either a generation is RATE_LIMITED.
+    llm_session_rate_per_minute: float = Field(20.0, gt=0, le=6000)
+    llm_session_burst: int = Field(6, ge=1, le=1000)
+    llm_max_concurrent: int = Field(64, ge=1, le=10_000)
+    # Prepare the replies for each offered keyword with the keywords themselves (one provider call).
+    speculative_replies: bool = True
+    # Send `opinion_prediction_response` after every `user_selected_response`, to every client.
+    opinion_prediction: bool = False
     # Latency of the mock provider, so front-end developers can see the loading states without a key.
     mock_llm_delay_ms: int = Field(0, ge=0, le=600_000)
 

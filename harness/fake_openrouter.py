@@ -5,6 +5,11 @@ in-process client tests and the service subprocess can use it. It records every 
 as scripted (status codes, Retry-After, delays, loose or malformed content, JSON or SSE), and
 notices when a client hangs up on a request it is still working on.
 
+It can also answer at a real model's pace: `first_token` seconds before the first token, then
+`tokens_per_second` (a token being CHARS_PER_TOKEN characters of the answer), streamed as one SSE
+event per token when the request asks for a stream, else all at once after the same time; and
+`streams=False` plays an endpoint that ignores `stream: true`.
+
     with FakeOpenRouter() as fake:
         fake.queue(Reply(status=429, headers={"Retry-After": "1"}), Reply())
         ... point OPENROUTER_BASE_URL at fake.url ...
@@ -26,6 +31,10 @@ from aiohttp import web
 DEFAULT_USAGE = {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150}
 DISCONNECT_POLL_SECONDS = 0.01
 SSE_PIECE_CHARS = 4
+# Roughly what a tokenizer makes of Chinese text with some JSON punctuation.
+CHARS_PER_TOKEN = 2
+FILLER = "好的我明白您的意思了谢谢您这么说我们再商量一下吧"
+PREDICTION = {"tendency": "可能同意", "mood": "平静", "tone": "温和"}
 
 
 @dataclass
@@ -41,6 +50,12 @@ class Reply:
     delay: float = 0.0  # before answering; a client that hangs up meanwhile is recorded
     chunk_delay: float = 0.0  # between SSE chunks
     usage: dict[str, int] | None = field(default_factory=lambda: dict(DEFAULT_USAGE))
+    first_token: float = 0.0  # seconds before the first token (or before a whole answer)
+    tokens_per_second: float = 0.0  # 0: the whole answer at once
+    streams: bool = True  # False: plain JSON even when the request asks for a stream
+    count_usage: bool = False  # report usage counted from the prompt and the answer instead of `usage`
+    suggestion_chars: int = 0  # generated suggestions are padded to this length (a realistic reply)
+    drop_after_chars: int | None = None  # a stream breaks off (connection closed) after this much content
 
 
 @dataclass
@@ -52,6 +67,7 @@ class RecordedRequest:
     received_at: float  # time.monotonic()
     handled_seconds: float = 0.0  # the fake's own time, from request to the last byte it wrote
     answer: str = ""
+    usage: dict[str, int] | None = None
     disconnected: bool = False
 
     @property
@@ -60,8 +76,13 @@ class RecordedRequest:
         return str(self.body.get("response_format", {}).get("json_schema", {}).get("name", ""))
 
     @property
+    def properties(self) -> dict[str, Any]:
+        properties: dict[str, Any] = self.body["response_format"]["json_schema"]["schema"]["properties"]
+        return properties
+
+    @property
     def schema_items(self) -> tuple[int, int]:
-        schema = self.body["response_format"]["json_schema"]["schema"]["properties"]["suggestions"]
+        schema = self.properties["suggestions"]
         return int(schema["minItems"]), int(schema["maxItems"])
 
     @property
@@ -193,6 +214,18 @@ class FakeOpenRouter:
             self._requests.append(record)
             self._lock.notify_all()
         reply = self._next_reply(record.task)
+        streamed = bool(body.get("stream")) and reply.streams
+        if (
+            not streamed
+            and reply.status < 400
+            and reply.body is None
+            and (reply.first_token or reply.tokens_per_second)
+        ):
+            # A model that does not stream answers only once it has written everything.
+            record.answer = self._content(reply, record)
+            if await self._client_left(request, reply.first_token + _writing_seconds(record.answer, reply)):
+                self._mark_disconnected(record)
+                return web.Response(status=499)
         if reply.delay and await self._client_left(request, reply.delay):
             self._mark_disconnected(record)
             return web.Response(status=499)
@@ -204,21 +237,43 @@ class FakeOpenRouter:
             error = {"error": {"code": reply.status, "message": reply.error_message}}
             response = web.json_response(error, status=reply.status, headers=reply.headers)
         else:
-            record.answer = self._content(reply, record)
-            if body.get("stream"):
+            record.answer = record.answer or self._content(reply, record)
+            record.usage = _usage(record, reply)
+            if streamed:
                 return await self._stream(request, record, reply, started)
-            response = web.json_response(_completion(body, record.answer, reply.usage), headers=reply.headers)
+            response = web.json_response(_completion(body, record.answer, record.usage), headers=reply.headers)
         record.handled_seconds = time.perf_counter() - started
         return response
 
     def _content(self, reply: Reply, record: RecordedRequest) -> str:
         if reply.content is not None:
             return reply.content
+        if record.task == "prediction":
+            return json.dumps(PREDICTION, ensure_ascii=False)
         suggestions = reply.suggestions
         if suggestions is None:
-            label = "观点" if record.task == "opinions" else "回复"
-            suggestions = [f"{label}{next(self._numbers)}" for _ in range(record.schema_items[0])]
-        return json.dumps({"suggestions": suggestions}, ensure_ascii=False)
+            label = "观点" if record.task in ("opinions", "opinions_with_replies") else "回复"
+            suggestions = [self._made_up(label, 0) for _ in range(record.schema_items[0])]
+        if record.task != "opinions_with_replies":
+            return json.dumps({"suggestions": suggestions}, ensure_ascii=False)
+        count = int(record.properties["no_opinion_replies"]["minItems"])
+        answer = {
+            "suggestions": suggestions,
+            "replies": [
+                {
+                    "opinion": keyword,
+                    "suggestions": [self._made_up(f"{keyword}·回复", reply.suggestion_chars) for _ in range(count)],
+                }
+                for keyword in suggestions
+            ],
+            "no_opinion_replies": [self._made_up("回复", reply.suggestion_chars) for _ in range(count)],
+        }
+        return json.dumps(answer, ensure_ascii=False)
+
+    def _made_up(self, label: str, length: int) -> str:
+        # Fixed-width numbers: an answer's length (and so its pace) does not grow as the fake ages.
+        text = f"{label}{next(self._numbers) % 10000:04d}"
+        return text + FILLER[: max(0, length - len(text))]
 
     async def _stream(
         self, request: web.Request, record: RecordedRequest, reply: Reply, started: float
@@ -227,9 +282,21 @@ class FakeOpenRouter:
         await response.prepare(request)
         try:
             await response.write(b": OPENROUTER PROCESSING\n\n")
-            for event in _stream_events(record.body, record.answer, reply.usage):
+            if reply.first_token and await self._client_left(request, reply.first_token):
+                self._mark_disconnected(record)
+                return response
+            piece = CHARS_PER_TOKEN if reply.tokens_per_second else SSE_PIECE_CHARS
+            pause = 1 / reply.tokens_per_second if reply.tokens_per_second else reply.chunk_delay
+            # On a fixed schedule from the first token, so that polling for a hang-up adds no drift.
+            first = time.monotonic()
+            for written, event in enumerate(_stream_events(record.body, record.answer, record.usage, piece)):
+                if reply.drop_after_chars is not None and written * piece >= reply.drop_after_chars:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
                 await response.write(b"data: " + event.encode() + b"\n\n")
-                if reply.chunk_delay and await self._client_left(request, reply.chunk_delay):
+                wait = first + (written + 1) * pause - time.monotonic()
+                if pause and await self._client_left(request, max(0.0, wait)):
                     self._mark_disconnected(record)
                     return response
             await response.write(b"data: [DONE]\n\n")
@@ -243,11 +310,11 @@ class FakeOpenRouter:
     async def _client_left(request: web.Request, seconds: float) -> bool:
         """Wait up to `seconds`; True as soon as the client closes the connection."""
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while (left := deadline - time.monotonic()) > 0:
             if request.transport is None or request.transport.is_closing():
                 return True
-            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-        return False
+            await asyncio.sleep(min(DISCONNECT_POLL_SECONDS, left))
+        return request.transport is None or request.transport.is_closing()
 
 
 def _completion(request: dict[str, Any], content: str, usage: dict[str, int] | None) -> dict[str, Any]:
@@ -265,11 +332,24 @@ def _completion(request: dict[str, Any], content: str, usage: dict[str, int] | N
     return answer
 
 
-def _stream_events(request: dict[str, Any], content: str, usage: dict[str, int] | None) -> Iterator[str]:
+def _writing_seconds(answer: str, reply: Reply) -> float:
+    return len(answer) / CHARS_PER_TOKEN / reply.tokens_per_second if reply.tokens_per_second else 0.0
+
+
+def _usage(record: RecordedRequest, reply: Reply) -> dict[str, int] | None:
+    if not reply.count_usage:
+        return reply.usage
+    prompt, completion = -(-len(record.prompt) // CHARS_PER_TOKEN), -(-len(record.answer) // CHARS_PER_TOKEN)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _stream_events(
+    request: dict[str, Any], content: str, usage: dict[str, int] | None, piece_chars: int = SSE_PIECE_CHARS
+) -> Iterator[str]:
     """Chunks of a few characters, then a final chunk with finish_reason (and usage), like OpenRouter."""
     base = {"id": "gen-fake", "object": "chat.completion.chunk", "model": request.get("model", "")}
-    for start in range(0, len(content), SSE_PIECE_CHARS):
-        piece = content[start : start + SSE_PIECE_CHARS]
+    for start in range(0, len(content), piece_chars):
+        piece = content[start : start + piece_chars]
         choice = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
         yield json.dumps({**base, "choices": [choice]}, ensure_ascii=False)
     final: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}

@@ -4,12 +4,15 @@ One `aiohttp.ClientSession` per worker (opened in `start`, closed in `close`) ke
 the provider alive between generations. Each generation has one time budget, LLM_TIMEOUT, which
 covers every attempt, every backoff and the single follow-up request made when a model returns
 too few suggestions. Retries (tenacity) cover what can heal by itself: connection errors, 408,
-429 (after its Retry-After) and 5xx; a refused key or a bad request fails at once.
+429 (after its Retry-After) and 5xx; a refused key or a bad request fails at once. Once a
+suggestion of an answer has been handed on, that answer is never retried (the client would see
+two different lists).
 
-Non-streaming by default: a suggestion is only useful once it is complete and the list is parsed
-as a whole, so streaming would not show the user anything sooner, while a plain JSON answer
-reports token usage on every compatible endpoint. `stream=True` asks for server-sent events
-(for endpoints that prefer streaming); an SSE answer is parsed whichever way was asked.
+Plain JSON answers by default: a suggestion list is parsed as a whole. A caller that wants each
+suggestion as soon as it is written (`on_partial`) gets a streamed request (SSE); so does the
+speculative request, whose keywords come first and must not wait for the replies written after
+them. An endpoint that answers a streamed request with plain JSON is read just the same, all at
+once. `stream=True` streams every request.
 
 A cancelled generation drops its HTTP connection at once instead of draining it, so the provider
 sees the disconnect and stops generating (and billing). The API key only ever leaves this module
@@ -22,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -33,7 +36,6 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.stop import stop_base
 from yarl import URL
 
-from config import Settings
 from llm.errors import (
     LlmAuthError,
     LlmBadResponse,
@@ -43,25 +45,50 @@ from llm.errors import (
     LlmStatusError,
     LlmTimeout,
 )
-from llm.interface import ConversationContext, SuggestionProvider
-from llm.parsing import clean_items, clean_opinions, parse_suggestions, sse_data
-from llm.prompts import Message, Task, Wanted, build_messages, follow_up_messages, response_format, wanted
+from llm.interface import (
+    ConversationContext,
+    KeywordSink,
+    PartialSink,
+    Prediction,
+    PreparedSink,
+    SuggestionProvider,
+    Task,
+)
+from llm.parsing import clean_items, clean_opinions, parse_prediction, sse_data
+from llm.prompts import (
+    SPECULATION_SCHEMA,
+    Message,
+    Wanted,
+    build_messages,
+    follow_up_messages,
+    prediction_format,
+    response_format,
+    speculation_format,
+    wanted,
+)
+from llm.redaction import REDACTED
+from llm.streaming import PreparedRepliesStream, SuggestionStream
 
 log = logging.getLogger("llm.openrouter")
 
-REDACTED = "[REDACTED]"
 AUTH_STATUSES = frozenset({401, 402, 403})
 RETRYABLE_STATUSES = frozenset({408, 429})
 # Health turns "degraded" once this many generations in a row have failed.
 DEGRADED_AFTER_FAILURES = 3
 ERROR_BODY_READ_BYTES = 8192
 ERROR_QUOTE_CHARS = 300
+# The speculative answer holds a reply list per keyword and one more: room for about that many lists.
+SPECULATION_TOKEN_FACTOR = 5
+
+T = TypeVar("T")
+TextSink = Callable[[str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
 class HttpCallRecord:
     """One HTTP call to the provider, for the metrics endpoint.
 
+    `task` is the generation task, or "opinions_with_replies" for the speculative request.
     `status_class` is "2xx", "4xx", "5xx", "timeout" (the budget ran out during the call),
     "connection" (unreachable or dropped) or "cancelled" (the generation was no longer wanted).
     """
@@ -75,6 +102,14 @@ class HttpCallRecord:
 
 
 CallObserver = Callable[[HttpCallRecord], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """One generation's deadline (event-loop time) and the ids its log lines carry."""
+
+    deadline: float
+    ids: dict[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +132,7 @@ class OpenRouterProvider(SuggestionProvider):
         max_tokens: int = 800,
         timeout: float = 30.0,
         max_retries: int = 2,
-        history_char_budget: int = 6000,
+        prompt_char_budget: int = 12000,
         site_url: str = "",
         app_name: str = "",
         stream: bool = False,
@@ -115,7 +150,7 @@ class OpenRouterProvider(SuggestionProvider):
         self.max_tokens = max_tokens
         self.timeout = timeout
         self.max_retries = max_retries
-        self.history_char_budget = history_char_budget
+        self.prompt_char_budget = prompt_char_budget
         self.stream = stream
         self.observer = observer
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
@@ -127,24 +162,6 @@ class OpenRouterProvider(SuggestionProvider):
         self._backoff = wait_exponential_jitter(initial=backoff_initial, max=backoff_max, jitter=backoff_initial)
         self._session: aiohttp.ClientSession | None = None
         self._consecutive_failures = 0
-
-    @classmethod
-    def from_settings(cls, settings: Settings, observer: CallObserver | None = None) -> OpenRouterProvider:
-        if settings.openrouter_api_key is None:
-            raise ValueError("OPENROUTER_API_KEY is not set")
-        return cls(
-            api_key=settings.openrouter_api_key.get_secret_value(),
-            base_url=settings.openrouter_base_url,
-            model=settings.openrouter_model,
-            temperature=settings.openrouter_temperature,
-            max_tokens=settings.openrouter_max_tokens,
-            timeout=settings.llm_timeout,
-            max_retries=settings.llm_max_retries,
-            history_char_budget=settings.llm_history_char_budget,
-            site_url=settings.openrouter_site_url,
-            app_name=settings.openrouter_app_name,
-            observer=observer,
-        )
 
     async def start(self) -> None:
         if self._session is None:
@@ -176,22 +193,92 @@ class OpenRouterProvider(SuggestionProvider):
             "consecutive_failures": self._consecutive_failures,
         }
 
-    async def opinions(self, context: ConversationContext) -> list[str]:
-        return await self._generate(Task.OPINIONS, context)
+    async def opinions(self, context: ConversationContext, on_partial: PartialSink | None = None) -> list[str]:
+        return await self._list(Task.OPINIONS, context, on_partial)
 
-    async def replies(self, context: ConversationContext) -> list[str]:
-        return await self._generate(Task.REPLIES, context)
+    async def replies(self, context: ConversationContext, on_partial: PartialSink | None = None) -> list[str]:
+        return await self._list(Task.REPLIES, context, on_partial)
+
+    async def opinions_with_replies(
+        self,
+        context: ConversationContext,
+        on_keywords: KeywordSink,
+        on_prepared: PreparedSink,
+        on_partial: PartialSink | None = None,
+    ) -> None:
+        """One streamed request for the keywords and a reply list per keyword (and for no opinion).
+
+        Too few usable keywords get the same single follow-up as `opinions`; prepared lists that do
+        not hold exactly `response_count` usable replies are dropped, never padded.
+        """
+        count = wanted(Task.OPINIONS, context)
+        keywords = SuggestionStream(clean_opinions, count.maximum, on_partial)
+        delivered = False
+
+        async def offer_keywords(found: list[str]) -> None:
+            nonlocal delivered
+            if len(found) >= count.minimum:
+                delivered = True
+                await on_keywords(found)
+
+        answer_stream = PreparedRepliesStream(context.response_count, keywords, offer_keywords, on_prepared)
+
+        async def work(budget: Budget) -> None:
+            messages = build_messages(Task.OPINIONS, context, self.prompt_char_budget, prepare_replies=True)
+            body = self._body(
+                messages,
+                speculation_format(context.response_count),
+                stream=True,
+                max_tokens=self.max_tokens * SPECULATION_TOKEN_FACTOR,
+            )
+            answer = await self._complete(
+                SPECULATION_SCHEMA,
+                body,
+                budget,
+                on_text=answer_stream.feed,
+                handed_on=lambda: bool(keywords.items),
+            )
+            await answer_stream.feed(answer.text, whole=True)
+            if not delivered:
+                found = await self._suggestions(Task.OPINIONS, messages, count, keywords, budget, first=answer)
+                await on_keywords(found)
+
+        await self._within_budget(Task.OPINIONS, context, work)
+
+    async def predict_reaction(self, context: ConversationContext) -> Prediction:
+        async def work(budget: Budget) -> Prediction:
+            messages = build_messages(Task.PREDICTION, context, self.prompt_char_budget)
+            body = self._body(messages, prediction_format(), stream=False)
+            answer = await self._complete(Task.PREDICTION.value, body, budget)
+            fields = parse_prediction(answer.text)
+            if fields is None:
+                raise LlmBadResponse("the provider's prediction lacks a tendency, a mood or a tone")
+            return Prediction(**fields)
+
+        return await self._within_budget(Task.PREDICTION, context, work)
 
     # -- one generation ---------------------------------------------------------------------
 
-    async def _generate(self, task: Task, context: ConversationContext) -> list[str]:
-        ids = {"session_id": context.session_id, "request_id": context.request_id, "task": task.value}
+    async def _list(self, task: Task, context: ConversationContext, on_partial: PartialSink | None) -> list[str]:
         count = wanted(task, context)
-        messages = build_messages(task, context, self.history_char_budget)
+        clean = clean_opinions if task is Task.OPINIONS else clean_items
+        stream = SuggestionStream(clean, count.maximum, on_partial)
+
+        async def work(budget: Budget) -> list[str]:
+            messages = build_messages(task, context, self.prompt_char_budget)
+            return await self._suggestions(task, messages, count, stream, budget)
+
+        return await self._within_budget(task, context, work)
+
+    async def _within_budget(
+        self, task: Task, context: ConversationContext, work: Callable[[Budget], Awaitable[T]]
+    ) -> T:
+        """`work(budget)` under one LLM_TIMEOUT, counted in the provider's health."""
+        ids = {"session_id": context.session_id, "request_id": context.request_id, "task": task.value}
         deadline = asyncio.get_running_loop().time() + self.timeout
         try:
             async with asyncio.timeout_at(deadline):
-                suggestions = await self._suggestions(task, messages, count, deadline, ids)
+                result = await work(Budget(deadline, ids))
         except TimeoutError:
             self._consecutive_failures += 1
             raise LlmTimeout(f"no usable answer from the provider within {self.timeout:g} s") from None
@@ -199,49 +286,77 @@ class OpenRouterProvider(SuggestionProvider):
             self._consecutive_failures += 1
             raise
         self._consecutive_failures = 0
-        return suggestions
+        return result
 
     async def _suggestions(
-        self, task: Task, messages: list[Message], count: Wanted, deadline: float, ids: dict[str, str]
+        self,
+        task: Task,
+        messages: list[Message],
+        count: Wanted,
+        stream: SuggestionStream,
+        budget: Budget,
+        *,
+        first: Completion | None = None,
     ) -> list[str]:
-        """Exactly what `count` allows: extras are cut, a shortfall gets one follow-up request, never filler."""
-        clean = clean_opinions if task is Task.OPINIONS else clean_items
-        answer = await self._complete(task, self._body(task, messages, count), deadline, ids)
-        suggestions = clean(parse_suggestions(answer.text))
-        if len(suggestions) < count.minimum:
-            log.info("too few suggestions, asking once more", extra={**ids, "usable": len(suggestions)})
-            missing = Wanted(count.minimum - len(suggestions), count.maximum - len(suggestions))
-            follow_up = follow_up_messages(messages, answer.text, len(suggestions), missing)
-            more = await self._complete(task, self._body(task, follow_up, missing), deadline, ids)
-            suggestions = clean([*suggestions, *clean(parse_suggestions(more.text))])
-        if len(suggestions) < count.minimum:
-            raise LlmBadResponse(
-                f"the provider gave {len(suggestions)} usable {task.value} where {count.minimum} are needed"
-            )
-        return suggestions[: count.maximum]
+        """Exactly what `count` allows: extras are cut, a shortfall gets one follow-up request, never filler.
 
-    def _body(self, task: Task, messages: list[Message], count: Wanted) -> bytes:
+        `first` is an answer already received (the speculative one), which then takes the place of
+        the first request.
+        """
+        streamed = stream.streams
+        if first is None:
+            body = self._body(messages, response_format(task, count), stream=streamed)
+            first = await self._complete(task.value, body, budget, on_text=stream.feed, handed_on=stream.answer_started)
+        await stream.finish_answer(first.text)
+        if len(stream.items) < count.minimum:
+            have = len(stream.items)
+            log.info("too few suggestions, asking once more", extra={**budget.ids, "usable": have})
+            missing = Wanted(count.minimum - have, count.maximum - have)
+            follow_up = follow_up_messages(messages, first.text, have, missing)
+            stream.next_answer()
+            body = self._body(follow_up, response_format(task, missing), stream=streamed)
+            more = await self._complete(task.value, body, budget, on_text=stream.feed, handed_on=stream.answer_started)
+            await stream.finish_answer(more.text)
+        if len(stream.items) < count.minimum:
+            raise LlmBadResponse(
+                f"the provider gave {len(stream.items)} usable {task.value} where {count.minimum} are needed"
+            )
+        return list(stream.items)
+
+    def _body(
+        self, messages: list[Message], schema: dict[str, Any], *, stream: bool, max_tokens: int | None = None
+    ) -> bytes:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            "response_format": response_format(task, count),
+            "max_tokens": max_tokens or self.max_tokens,
+            "response_format": schema,
         }
-        if self.stream:
+        if stream or self.stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         return orjson.dumps(body)
 
-    async def _complete(self, task: Task, body: bytes, deadline: float, ids: dict[str, str]) -> Completion:
-        """One chat completion, retried while it may heal and while the budget allows another attempt."""
+    async def _complete(
+        self,
+        task: str,
+        body: bytes,
+        budget: Budget,
+        *,
+        on_text: TextSink | None = None,
+        handed_on: Callable[[], bool] = lambda: False,
+    ) -> Completion:
+        """One chat completion, retried while it may heal, while the budget allows another attempt
+        and while nothing of the answer has been handed on (`handed_on`). A streamed answer's text
+        so far goes to `on_text` as it grows."""
 
         def log_retry(retry_state: RetryCallState) -> None:
             error = retry_state.outcome.exception() if retry_state.outcome else None
             log.warning(
                 "llm call failed, retrying",
                 extra={
-                    **ids,
+                    **budget.ids,
                     "attempt": retry_state.attempt_number,
                     "retry_in_s": round(retry_state.upcoming_sleep, 3),
                     "error": str(error),
@@ -249,13 +364,13 @@ class OpenRouterProvider(SuggestionProvider):
             )
 
         retrying = AsyncRetrying(
-            retry=retry_if_exception(_worth_retrying),
+            retry=retry_if_exception(lambda error: _worth_retrying(error) and not handed_on()),
             wait=self._wait,
-            stop=stop_after_attempt(self.max_retries + 1) | StopAtDeadline(deadline),
+            stop=stop_after_attempt(self.max_retries + 1) | StopAtDeadline(budget.deadline),
             before_sleep=log_retry,
             reraise=True,
         )
-        completion: Completion = await retrying(self._post, task, body, deadline)
+        completion: Completion = await retrying(self._post, task, body, budget.deadline, on_text)
         return completion
 
     def _wait(self, retry_state: RetryCallState) -> float:
@@ -266,7 +381,7 @@ class OpenRouterProvider(SuggestionProvider):
 
     # -- one HTTP call ----------------------------------------------------------------------
 
-    async def _post(self, task: Task, body: bytes, deadline: float) -> Completion:
+    async def _post(self, task: str, body: bytes, deadline: float, on_text: TextSink | None) -> Completion:
         if self._session is None:
             raise RuntimeError("OpenRouterProvider.start() was not awaited")
         loop = asyncio.get_running_loop()
@@ -281,7 +396,7 @@ class OpenRouterProvider(SuggestionProvider):
                 try:
                     if status >= 400:
                         raise await self._status_error(response)
-                    completion = await self._read_completion(response)
+                    completion = await self._read_completion(response, on_text)
                 except BaseException:
                     # Drop the connection instead of draining it: the provider stops generating at once.
                     response.close()
@@ -297,7 +412,7 @@ class OpenRouterProvider(SuggestionProvider):
         finally:
             self._observe(
                 HttpCallRecord(
-                    task=task.value,
+                    task=task,
                     duration=time.perf_counter() - started,
                     status_class=outcome,
                     status=status,
@@ -312,9 +427,9 @@ class OpenRouterProvider(SuggestionProvider):
         message = f"provider answered HTTP {response.status}" + (f": {detail}" if detail else "")
         return _status_exception(response.status, message, _retry_after(response.headers.get("Retry-After")))
 
-    async def _read_completion(self, response: aiohttp.ClientResponse) -> Completion:
+    async def _read_completion(self, response: aiohttp.ClientResponse, on_text: TextSink | None) -> Completion:
         if response.content_type == "text/event-stream":
-            return await self._read_stream(response)
+            return await self._read_stream(response, on_text)
         try:
             payload = orjson.loads(await response.read())
         except orjson.JSONDecodeError:
@@ -326,7 +441,7 @@ class OpenRouterProvider(SuggestionProvider):
             raise LlmBadResponse("the provider's answer has no message")
         return Completion(_text(message.get("content")), *_tokens(envelope.get("usage")))
 
-    async def _read_stream(self, response: aiohttp.ClientResponse) -> Completion:
+    async def _read_stream(self, response: aiohttp.ClientResponse, on_text: TextSink | None) -> Completion:
         parts: list[str] = []
         usage: Any = None
         async for data in sse_data(response.content):
@@ -342,6 +457,9 @@ class OpenRouterProvider(SuggestionProvider):
                 delta = choice.get("delta") if isinstance(choice, dict) else None
                 if isinstance(delta, dict) and isinstance(delta.get("content"), str):
                     parts.append(delta["content"])
+                    # Only a closing quote, bracket or brace can complete a suggestion or a list.
+                    if on_text is not None and any(mark in delta["content"] for mark in '"]}'):
+                        await on_text("".join(parts))
             usage = chunk.get("usage") or usage
         return Completion("".join(parts), *_tokens(usage))
 

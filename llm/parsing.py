@@ -33,7 +33,7 @@ def parse_suggestions(text: str) -> list[str]:
             value = orjson.loads(candidate)
         except orjson.JSONDecodeError:
             continue
-        items = _items_from_json(value)
+        items = items_from_json(value)
         if items is not None:
             return clean_items(items)
     lines = text.splitlines()
@@ -71,20 +71,22 @@ def _json_candidates(text: str) -> Iterable[str]:
             yield stripped[start : end + 1]
 
 
-def _items_from_json(value: Any) -> list[str] | None:
+def items_from_json(value: Any) -> list[str] | None:
+    """The list of suggestion texts in a parsed answer, wherever the model put it; None if there is none."""
     if isinstance(value, list):
-        return _texts(value)
+        return texts(value)
     if isinstance(value, dict):
         for key in LIST_KEYS:
             if isinstance(value.get(key), list):
-                return _texts(value[key])
+                return texts(value[key])
         lists = [item for item in value.values() if isinstance(item, list)]
         if len(lists) == 1:
-            return _texts(lists[0])
+            return texts(lists[0])
     return None
 
 
-def _texts(values: list[Any]) -> list[str]:
+def texts(values: list[Any]) -> list[str]:
+    """The text of each item: a string, or an object's text field."""
     texts: list[str] = []
     for value in values:
         if isinstance(value, str):
@@ -94,6 +96,25 @@ def _texts(values: list[Any]) -> list[str]:
             if text is not None:
                 texts.append(text)
     return texts
+
+
+PREDICTION_FIELDS = ("tendency", "mood", "tone")
+PREDICTION_MAX_CHARS = 40
+
+
+def parse_prediction(text: str) -> dict[str, str] | None:
+    """The three fields of a reaction prediction, each one short line; None unless all three are there."""
+    for candidate in _json_candidates(text):
+        try:
+            value = orjson.loads(candidate)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(value, dict):
+            continue
+        fields = {name: " ".join(str(value.get(name) or "").split()).strip(QUOTES) for name in PREDICTION_FIELDS}
+        if all(fields.values()):
+            return {name: field[:PREDICTION_MAX_CHARS] for name, field in fields.items()}
+    return None
 
 
 async def sse_data(lines: AsyncIterable[bytes]) -> AsyncIterator[str]:

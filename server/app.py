@@ -24,8 +24,7 @@ from config import SERVICE_NAME, VERSION, Settings, load_settings
 from config.logs import configure_logging
 from server import metrics
 from server.conversation import Conversation, Services
-from server.engines import build_provider, build_transcriber
-from server.generation import GenerationManager
+from server.engines import build_generations, build_provider, build_transcriber
 from server.metrics_endpoint import register_metrics_route
 from server.protocol import encode
 from server.sessions import SessionStore
@@ -92,7 +91,7 @@ def _register_listeners(app: App, settings: Settings) -> None:
             settings=settings,
             sessions=SessionStore(settings.max_ended_sessions_per_connection),
             transcriber=transcriber,
-            generations=GenerationManager(provider, settings.llm_timeout),
+            generations=build_generations(settings, provider),
         )
         log.info(
             "engines ready",

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from config import Settings
+from llm.interface import Task
 from server import metrics
 from server.audio import decode_chunk
-from server.generation import GenerationManager, Kind
+from server.generation import GenerationManager
 from server.protocol import (
     AudioStream,
     ConversationEnd,
@@ -210,8 +211,8 @@ class Conversation:
         self.services.sessions.end(session_id)
         metrics.SESSIONS.dec()
 
-    def _generate(self, kind: Kind, session: Session, **context: Any) -> None:
-        self.services.generations.start(kind, session.context(**context), self.send)
+    def _generate(self, kind: Task, session: Session, **context: Any) -> None:
+        self.services.generations.start(kind, session.context(**context), self.send, stream=session.stream_suggestions)
 
     # -- client events ------------------------------------------------------------------------
 
@@ -227,13 +228,17 @@ class Conversation:
         session.partial_transcripts = data.options.partial_transcripts
         session.user_profile = data.user_profile
         session.target_profile = data.target_profile
+        session.stream_suggestions = data.options.stream_suggestions
+        session.opinion_prediction = (
+            data.options.opinion_prediction or self.services.generations.policy.opinion_prediction_for_all
+        )
         for message in data.history_messages:
             session.add_message(message.sender, message.content, "history", message.message_id)
         metrics.SESSIONS.inc()
         log.info("session created", extra={"session_id": session.session_id, "connection_id": self.connection_id})
         await self.send(session_created_event(session.session_id))
         if session.has_context:
-            self._generate(Kind.OPINIONS, session)
+            self._generate(Task.OPINIONS, session)
 
     async def on_message_start(self, session: Session, data: MessageStart) -> None:
         self.services.generations.cancel(session.session_id)
@@ -330,7 +335,7 @@ class Conversation:
         await self.send(status_update_event(session.session_id, "processing_stt"))
         await self._record_transcript(session, recording)
         await self.send(status_update_event(session.session_id, "generating_opinions"))
-        self._generate(Kind.OPINIONS, session)
+        self._generate(Task.OPINIONS, session)
 
     async def _record_transcript(self, session: Session, recording: Recording) -> None:
         """Finish the open recording and record its text. On failure the recording stays open."""
@@ -358,24 +363,30 @@ class Conversation:
         limit = self.services.settings.max_modifications_per_session
         _check_room(session, "modifications", len(session.modifications), limit, "本会话的修改意见数已达上限")
         session.modifications.append(data.modification)
+        self.services.generations.context_changed(session.session_id)
         await self._generate_replies(session)
 
     async def _generate_replies(self, session: Session) -> None:
         await self.send(status_update_event(session.session_id, "generating_response"))
-        self._generate(Kind.REPLIES, session, focused=tuple(session.last_focus), opinion=session.last_opinion)
+        self._generate(Task.REPLIES, session, focused=tuple(session.last_focus), opinion=session.last_opinion)
 
     async def on_user_selected_response(self, session: Session, data: UserSelectedResponse) -> None:
         self._check_message_room(session)
         message = session.add_message(data.sender, data.selected_content, "selected")
+        self.services.generations.context_changed(session.session_id)
         await self.send(
             message_recorded_event(session.session_id, message.message_id, message.content, data.sender, spoken=False)
         )
+        if session.opinion_prediction:
+            self._generate(Task.PREDICTION, session)
 
     async def on_scenario_supplement(self, session: Session, data: ScenarioSupplement) -> None:
         session.scenario_supplement = data.supplement
+        self.services.generations.context_changed(session.session_id)
 
     async def on_response_count_update(self, session: Session, data: ResponseCountUpdate) -> None:
         session.response_count = data.response_count
+        self.services.generations.context_changed(session.session_id)
 
     async def on_conversation_end(self, session: Session, data: ConversationEnd) -> None:
         log.info("session ended", extra={"session_id": session.session_id, "connection_id": self.connection_id})

@@ -9,6 +9,7 @@ from llm.interface import SuggestionProvider
 from llm.mock import MockProvider
 from llm.openrouter import HttpCallRecord, OpenRouterProvider
 from server import metrics
+from server.generation import GenerationManager, GenerationPolicy
 from stt_pool.client import PoolTranscriber
 from stt_pool.interface import Transcriber
 from stt_pool.mock import MockTranscriber
@@ -23,8 +24,32 @@ def build_transcriber(settings: Settings, on_fatal: Callable[[str], None]) -> Tr
 
 def build_provider(settings: Settings) -> SuggestionProvider:
     if settings.llm_mode == "openrouter":
-        return OpenRouterProvider.from_settings(settings, observer=record_llm_call)
+        assert settings.openrouter_api_key is not None  # llm_mode says so
+        return OpenRouterProvider(
+            api_key=settings.openrouter_api_key.get_secret_value(),
+            base_url=settings.openrouter_base_url,
+            model=settings.openrouter_model,
+            temperature=settings.openrouter_temperature,
+            max_tokens=settings.openrouter_max_tokens,
+            timeout=settings.llm_timeout,
+            max_retries=settings.llm_max_retries,
+            prompt_char_budget=settings.llm_prompt_char_budget,
+            site_url=settings.openrouter_site_url,
+            app_name=settings.openrouter_app_name,
+            observer=record_llm_call,
+        )
     return MockProvider(settings.mock_llm_delay_ms / 1000)
+
+
+def build_generations(settings: Settings, provider: SuggestionProvider) -> GenerationManager:
+    policy = GenerationPolicy(
+        speculative_replies=settings.speculative_replies,
+        opinion_prediction_for_all=settings.opinion_prediction,
+        session_rate_per_minute=settings.llm_session_rate_per_minute,
+        session_burst=settings.llm_session_burst,
+        max_concurrent=settings.llm_max_concurrent,
+    )
+    return GenerationManager(provider, settings.llm_timeout, policy)
 
 
 def record_llm_call(record: HttpCallRecord) -> None:

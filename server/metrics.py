@@ -32,3 +32,14 @@ LLM_HTTP_CALLS = Counter(
 LLM_HTTP_LATENCY = Histogram(
     "adb_llm_http_call_seconds", "Duration of each HTTP call to the LLM provider", ["task"], buckets=LLM_BUCKETS
 )
+LLM_SPECULATION = Counter(
+    "adb_llm_speculation",
+    "Reply generations served from replies prepared with the keywords (hit) or asked of the provider (miss)",
+    ["result"],
+)
+LLM_SPECULATIVE_CALLS = Counter(
+    "adb_llm_speculative_calls", "Provider requests for keywords together with replies prepared for each"
+)
+LLM_REFUSED = Counter(
+    "adb_llm_refused", "Generations refused with RATE_LIMITED before reaching the provider, by reason", ["reason"]
+)

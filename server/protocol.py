@@ -142,6 +142,16 @@ class SessionOptions(_EventData):
         description="Receive `transcript_partial` events (live captions) while a message is recorded, "
         "at most one per `PARTIAL_INTERVAL_MS` (default 200 ms).",
     )
+    stream_suggestions: bool = Field(
+        False,
+        description="Receive each opinion keyword and reply as soon as the provider has written it, as "
+        "`suggestion_partial` events, before the usual `opinion_suggestions` / `llm_response` with the full list.",
+    )
+    opinion_prediction: bool = Field(
+        False,
+        description="Receive `opinion_prediction_response` (the partner's likely reaction) after each "
+        "`user_selected_response` is recorded (always on when the operator sets `OPINION_PREDICTION=true`).",
+    )
 
 
 class Profile(_EventData):
@@ -370,6 +380,10 @@ SERVER_EVENTS: dict[str, str] = {
     "error": "`session_id?`, `error_code`, `message`, `details?` (a string, never an object)",
     "profile_archive": "`session_id`, `user_profile`, `target_profile` (each as given, or null)",
     "transcript_partial": "`session_id`, `text` (opt-in: `options.partial_transcripts`)",
+    "suggestion_partial": "`session_id`, `request_id`, `kind` (`opinions`/`replies`), `index`, `text` "
+    "(opt-in: `options.stream_suggestions`; in order, before the full list of the same `request_id`)",
+    "opinion_prediction_response": "`session_id`, `prediction` (`tendency`, `mood`, `tone`), `request_id` "
+    "(opt-in: `options.opinion_prediction` or `OPINION_PREDICTION=true`; after `message_recorded` of a selected reply)",
 }
 
 Event = dict[str, Any]
@@ -421,6 +435,16 @@ def status_update_event(session_id: str, status: Status) -> Event:
 
 def transcript_partial_event(session_id: str, text: str) -> Event:
     return {"type": "transcript_partial", "data": {"session_id": session_id, "text": text}}
+
+
+def suggestion_partial_event(session_id: str, request_id: str, kind: str, index: int, text: str) -> Event:
+    data = {"session_id": session_id, "request_id": request_id, "kind": kind, "index": index, "text": text}
+    return {"type": "suggestion_partial", "data": data}
+
+
+def opinion_prediction_event(session_id: str, prediction: dict[str, str], request_id: str) -> Event:
+    data = {"session_id": session_id, "prediction": prediction, "request_id": request_id}
+    return {"type": "opinion_prediction_response", "data": data}
 
 
 def error_event(error: ProtocolError) -> Event:

@@ -36,6 +36,8 @@ class Session:
     messages: list[Message] = field(default_factory=list)
     modifications: list[str] = field(default_factory=list)
     partial_transcripts: bool = False
+    stream_suggestions: bool = False
+    opinion_prediction: bool = False
     last_focus: list[str] = field(default_factory=list)
     last_opinion: str = ""
     user_profile: Profile | None = None

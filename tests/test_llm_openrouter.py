@@ -122,12 +122,13 @@ async def test_prompt_history_is_trimmed_to_the_budget(fake: FakeOpenRouter, mak
     context = ConversationContext(
         scenario_description="在火车站问路", messages=messages, focused_message_ids=("msg_005",), response_count=2
     )
-    provider = await make_provider(history_char_budget=400)
+    provider = await make_provider(prompt_char_budget=2400)
     await provider.replies(context)
     prompt = fake.requests[0].prompt
     assert "在火车站问路" in prompt
     assert "旧消息005" in prompt and "旧消息040" in prompt
-    assert "旧消息001" not in prompt and "旧消息030" not in prompt
+    assert "旧消息001" not in prompt and "旧消息020" not in prompt
+    assert len(prompt) <= 2400
     assert "条较早的消息" in prompt
 
 
