@@ -40,6 +40,7 @@ def service(fake: FakeOpenRouter) -> Iterator[ServerProcess]:
         LLM_SESSION_BURST=BURST,
         LLM_SESSION_RATE_PER_MINUTE=1,
         LLM_PROMPT_CHAR_BUDGET=PROMPT_BUDGET,
+        MAX_TEXT_CHARS=1_000_000,  # the largest text the protocol can be set to accept, for the 3 MB message
     ) as server:
         yield server
 
@@ -230,6 +231,8 @@ async def test_a_speculative_call_in_flight_is_aborted_at_the_provider(
         assert dropped.task == "opinions_with_replies"
         if change == "message_start":
             await client.expect_status("recording_message", session_id)
+        if change == "conversation_end":
+            await client.expect("profile_archive", session_id=session_id)
         await client.expect_silence(0.5)
     assert len(fake.requests) == 1
 
