@@ -130,10 +130,6 @@ class GenerationManager:
     def running(self) -> int:
         return len(self._running)
 
-    @property
-    def provider_calls(self) -> int:
-        return len(self._calls)
-
     def start(self, kind: Task, context: ConversationContext, send: Send, *, stream: bool = False) -> str:
         """Start a generation; return its request id. Replaces what it must, per the rules above.
 

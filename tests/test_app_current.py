@@ -93,13 +93,15 @@ async def test_a_whole_conversation(app_server: ServerProcess, fake_provider: Fa
         assert cast(archive, "target_profile", "Map") == TARGET_PROFILE
         assert archive["user_profile"] is None
         await app.expect_silence(0.5)
+    # The empty corpus was answered from the replies prepared with the first keywords (SPECULATIVE_REPLIES).
+    speculative = [request.prompt for request in fake_provider.requests if request.task == "opinions_with_replies"]
     prompts = [request.prompt for request in fake_provider.requests if request.task == "replies"]
-    assert len(prompts) == 3
-    assert "【用户的观点】（无）" in prompts[0], "an empty user_corpus is no opinion"
-    assert "想问能不能换一种药" in prompts[1], "user_corpus reaches the prompt"
+    assert len(prompts) == 2
+    assert "【用户的观点】（无）" in speculative[0], "an empty user_corpus is no opinion"
+    assert "想问能不能换一种药" in prompts[0], "user_corpus reaches the prompt"
     for fragment in ("王医生", "52 岁", "主治医生", "不要提费用", "常聊话题：睡眠、用药"):
-        assert fragment in prompts[1], f"the target profile reaches the prompt: {fragment}"
-    assert "[msg_1732950000102] 医生：（无语音内容）" in prompts[0], "the silent history message is kept"
+        assert fragment in prompts[0], f"the target profile reaches the prompt: {fragment}"
+    assert "[msg_1732950000102] 医生：（无语音内容）" in speculative[0], "the silent history message is kept"
 
 
 async def test_a_refused_recording_is_one_error_and_its_stray_chunks_are_dropped(app_server: ServerProcess) -> None:
@@ -144,9 +146,9 @@ async def test_every_error_the_app_can_trigger_is_an_event_it_can_read(
         cast(await app.read("message_recorded"), "message_content", "String")
         await app.read_status("generating_opinions")
         await app.read_suggestions("opinion_suggestions")
-        # The provider fails.
+        # The provider fails (a typed opinion: nothing was prepared for it).
         fake_provider.set_default(Reply(status=500), task="replies")
-        await app.send("manual_generate", session_id=session_id, focused_message_ids=[], user_corpus="")
+        await app.send("manual_generate", session_id=session_id, focused_message_ids=[], user_corpus="我想先问问价格")
         await app.read_status("generating_response")
         await app.read_error("LLM_SERVICE_ERROR")
         # An empty reply selected (an empty text field).
