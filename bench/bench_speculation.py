@@ -186,7 +186,7 @@ def _report(off: Run, on: Run, at_once: Run, streaming: tuple[list[float], list[
         f"  current app's flow: {SESSIONS} sessions x {MESSAGES} messages, keyword tapped after "
         f"{THINK_SECONDS:g} s (or at once)"
     )
-    header = f"  {'figure':<44}{'off':>16}{'on':>16}{'on, tap at once':>20}{'on/off p50':>12}"
+    header = f"  {'figure':<52}{'off':>16}{'on':>16}{'on, tap at once':>20}{'on/off p50':>12}"
     print(header)
     _compare("message_end -> opinion_suggestions", off.to_keywords, on.to_keywords, at_once.to_keywords)
     _compare("manual_generate(keyword) -> llm_response", off.to_replies, on.to_replies, at_once.to_replies)
@@ -198,7 +198,7 @@ def _report(off: Run, on: Run, at_once: Run, streaming: tuple[list[float], list[
             [run.completion_tokens / run.messages for run in (off, on, at_once)],
         ),
     ):
-        print(f"  {name:<44}{values[0]:>16.1f}{values[1]:>16.1f}{values[2]:>20.1f}{values[1] / values[0]:>11.2f}x")
+        print(f"  {name:<52}{values[0]:>16.1f}{values[1]:>16.1f}{values[2]:>20.1f}{values[1] / values[0]:>11.2f}x")
     pick = statistics_ms(on.to_replies)
     verdict = "met" if pick < PICK_TARGET_MS else "NOT met"
     print(f"    target: keyword pick p50 < {PICK_TARGET_MS:g} ms -> {pick:.1f} ms ({verdict})")
@@ -226,7 +226,7 @@ def _report(off: Run, on: Run, at_once: Run, streaming: tuple[list[float], list[
 def _compare(name: str, off: list[float], on: list[float], at_once: list[float]) -> None:
     cells = [f"{statistics_ms(values):.0f}/{percentile(values, 0.95) * 1000:.0f} ms" for values in (off, on, at_once)]
     ratio = statistics_ms(on) / statistics_ms(off)
-    print(f"  {name + ' (p50/p95)':<44}{cells[0]:>16}{cells[1]:>16}{cells[2]:>20}{ratio:>11.2f}x")
+    print(f"  {name + ' (p50/p95)':<52}{cells[0]:>16}{cells[1]:>16}{cells[2]:>20}{ratio:>11.2f}x")
 
 
 def statistics_ms(values: list[float]) -> float:
