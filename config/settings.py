@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -43,8 +43,11 @@ class Settings(BaseSettings):
     openrouter_app_name: str = "AI Dialogue Assistant"
     llm_timeout: float = Field(30.0, gt=0, le=600)
     llm_max_retries: int = Field(2, ge=0, le=10)
-    # One budget for the whole prompt (system prompt, task, scenario, opinion, modifications, history).
-    llm_prompt_char_budget: int = Field(12000, ge=2000, le=200_000)
+    # One budget for the whole prompt (system prompt, task, scenario, opinion, modifications, history);
+    # the former history-only LLM_HISTORY_CHAR_BUDGET still sets it rather than being ignored.
+    llm_prompt_char_budget: int = Field(
+        12000, ge=2000, le=200_000, validation_alias=AliasChoices("llm_prompt_char_budget", "llm_history_char_budget")
+    )
     # Provider calls: a token bucket per session (refilled at the rate, holding at most the burst)
     # and a cap on the calls in flight per worker; beyond either a generation is RATE_LIMITED.
     llm_session_rate_per_minute: float = Field(20.0, gt=0, le=6000)
