@@ -240,7 +240,7 @@ async def test_a_speculative_call_in_flight_is_aborted_at_the_provider(
 async def test_a_supplement_while_keywords_are_written_keeps_them_but_drops_the_replies(
     service: ServerProcess, fake: FakeOpenRouter
 ) -> None:
-    fake.set_default(Reply(first_token=1.0, tokens_per_second=25, suggestion_chars=30), task="opinions_with_replies")
+    fake.set_default(Reply(first_token=3.0, tokens_per_second=25, suggestion_chars=30), task="opinions_with_replies")
     async with ProtocolClient(service.ws_url) as client:
         session_id = await start(client)
         await client.send("message_start", session_id=session_id, sender="对方")
