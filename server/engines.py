@@ -18,7 +18,15 @@ from stt_pool.mock import MockTranscriber
 def build_transcriber(settings: Settings, on_fatal: Callable[[str], None]) -> Transcriber:
     """The Vosk pool when a model directory exists; `on_fatal` stops the service if the pool cannot run."""
     if settings.stt_mode == "vosk":
-        return PoolTranscriber.from_settings(settings, on_fatal=on_fatal)
+        return PoolTranscriber(
+            runtime_dir=settings.pool_dir,
+            workers=settings.stt_workers,
+            default_rate=settings.vosk_sample_rate,
+            max_seconds=settings.max_recording_seconds,
+            timeout=settings.stt_timeout,
+            model_path=settings.vosk_model_path,
+            on_fatal=on_fatal,
+        )
     return MockTranscriber(settings.vosk_sample_rate, settings.max_recording_seconds)
 
 

@@ -17,20 +17,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from config import Settings
-from stt_pool.buffers import PcmWriter, buffer_path, capacity_for
+from stt_pool.buffers import PcmWriter, capacity_for
 from stt_pool.errors import SttError, SttOverloaded, SttTimeout
 from stt_pool.interface import PartialCallback, Transcriber, TranscriptStream
+from stt_pool.layout import buffer_path, socket_path
 from stt_pool.status import PoolState, PoolStatus, SlotState
-from stt_pool.supervisor import buffer_dir, socket_path, supervisor_alive
-from stt_pool.wire import HEADER, Record, pack
+from stt_pool.wire import (
+    Abort,
+    Data,
+    Failed,
+    Final,
+    Finish,
+    Open,
+    Opened,
+    Partial,
+    Refused,
+    ToDecoder,
+    ToWorker,
+    encode,
+    worker_reader,
+)
 
 log = logging.getLogger("stt_pool.client")
 
 RECONNECT_INTERVAL = 0.1
-OPEN_REPLY_TIMEOUT = 5.0
 
 
 class DecoderLink:
@@ -42,16 +52,17 @@ class DecoderLink:
         self.writer: asyncio.StreamWriter | None = None
         self.reader_task: asyncio.Task[None] | None = None
         self.streams: dict[str, PoolStream] = {}
-        self.pending_opens: dict[str, asyncio.Future[Record]] = {}
+        # Replies awaited to `open`; None stands for the connection lost before the reply.
+        self.pending_opens: dict[str, asyncio.Future[Opened | Refused | Failed | None]] = {}
 
     @property
     def alive(self) -> bool:
         return self.writer is not None and not self.writer.is_closing()
 
-    def send(self, record: Record) -> None:
+    def send(self, record: ToDecoder) -> None:
         # Synchronous and ordered: records of one stream can never overtake each other.
         if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(pack(record))
+            self.writer.write(encode(record))
 
 
 class PoolStream(TranscriptStream):
@@ -59,48 +70,45 @@ class PoolStream(TranscriptStream):
         super().__init__(uuid.uuid4().hex, pool.default_rate, pool.max_seconds)
         self.pool = pool
         self.on_partial = on_partial
-        self.buffer = PcmWriter(buffer_path(pool.buffers, self.stream_id), capacity_for(pool.max_seconds))
+        self.buffer = PcmWriter(buffer_path(pool.runtime_dir, self.stream_id), capacity_for(pool.max_seconds))
         # Bytes in the buffer. Updated before any await, so a replay never misses a stored chunk.
         self.written = 0
         self.finishing = False
         self.link: DecoderLink | None = None
-        self.final: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+        self.final: asyncio.Future[Final] = asyncio.get_running_loop().create_future()
 
-    def open_record(self, force: bool) -> Record:
-        return {
-            "op": "open",
-            "sid": self.stream_id,
-            "rate": self.sample_rate,
-            "partials": self.on_partial is not None,
-            "end": self.written,
-            "finishing": self.finishing,
-            "force": force,
-        }
+    def open_record(self, force: bool) -> Open:
+        return Open(
+            stream_id=self.stream_id,
+            sample_rate=self.sample_rate,
+            partials=self.on_partial is not None,
+            end=self.written,
+            finishing=self.finishing,
+            force=force,
+        )
 
     async def _store(self, pcm: bytes) -> None:
         offset = self.written
         self.buffer.write(offset, pcm)
         self.written += len(pcm)
         if self.link is not None:
-            self.link.send(
-                {"op": "data", "sid": self.stream_id, "rate": self.sample_rate, "off": offset, "len": len(pcm)}
-            )
+            self.link.send(Data(stream_id=self.stream_id, sample_rate=self.sample_rate, offset=offset, length=len(pcm)))
 
     async def finish(self) -> str:
         self.finishing = True
         if self.link is not None:
-            self.link.send({"op": "finish", "sid": self.stream_id, "end": self.written})
+            self.link.send(Finish(stream_id=self.stream_id, end=self.written))
         try:
             result = await asyncio.wait_for(asyncio.shield(self.final), self.pool.timeout)
         except TimeoutError:
             raise SttTimeout(f"no final transcript within {self.pool.timeout:.0f}s") from None
         self._release()
-        self.decode_cpu_seconds = float(result["cpu_seconds"])
-        return str(result["text"])
+        self.decode_cpu_seconds = result.cpu_seconds
+        return result.text
 
     async def abort(self) -> None:
         if self.link is not None:
-            self.link.send({"op": "abort", "sid": self.stream_id})
+            self.link.send(Abort(stream_id=self.stream_id))
         self._release()
 
     def _release(self) -> None:
@@ -126,31 +134,25 @@ class PoolTranscriber(Transcriber):
         timeout: float,
         model_path: Path,
         on_fatal: Callable[[str], None] | None = None,
+        open_timeout: float = 5.0,
     ) -> None:
+        """`runtime_dir` is where the pool supervisor keeps its files; `workers` its decoder count.
+
+        `open_timeout`: how long a decoding process may take to answer an `open` before the
+        stream is offered to the next one.
+        """
         self.runtime_dir = runtime_dir
-        self.buffers = buffer_dir(runtime_dir)
         self.default_rate = default_rate
         self.max_seconds = max_seconds
         self.timeout = timeout
         self.model_path = model_path
         self.on_fatal = on_fatal
+        self.open_timeout = open_timeout
         self.links = [DecoderLink(index, socket_path(runtime_dir, index)) for index in range(workers)]
         self.status: PoolStatus | None = None
         self.orphans: dict[str, PoolStream] = {}
         self._maintainer: asyncio.Task[None] | None = None
         self._link_changed = asyncio.Event()
-
-    @classmethod
-    def from_settings(cls, settings: Settings, on_fatal: Callable[[str], None] | None = None) -> PoolTranscriber:
-        return cls(
-            runtime_dir=settings.pool_dir,
-            workers=settings.stt_workers,
-            default_rate=settings.vosk_sample_rate,
-            max_seconds=settings.max_recording_seconds,
-            timeout=settings.stt_timeout,
-            model_path=settings.vosk_model_path,
-            on_fatal=on_fatal,
-        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -195,7 +197,7 @@ class PoolTranscriber(Transcriber):
         status = self.status
         if status is None:
             return ""
-        if status.state in {PoolState.LOADING, PoolState.READY} and not supervisor_alive(status):
+        if status.state in {PoolState.LOADING, PoolState.READY} and not status.supervisor_alive():
             status.fail("the pool supervisor died")
         return status.error if status.state is PoolState.FAILED else ""
 
@@ -209,32 +211,30 @@ class PoolTranscriber(Transcriber):
         self._link_changed.set()
 
     async def _read(self, link: DecoderLink, reader: asyncio.StreamReader) -> None:
+        records = worker_reader()
         try:
-            while True:
-                header = await reader.readexactly(HEADER.size)
-                (length,) = HEADER.unpack(header)
-                self._dispatch(link, orjson.loads(await reader.readexactly(length)))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            while data := await reader.read(65536):
+                for record in records.feed(data):
+                    self._dispatch(link, record)
+        except (ConnectionError, OSError, ValueError):
             pass
         self._lost(link)
 
-    def _dispatch(self, link: DecoderLink, record: Record) -> None:
-        stream_id = record.get("sid", "")
-        op = record.get("op")
-        if op in {"opened", "refused", "failed"} and stream_id in link.pending_opens:
-            future = link.pending_opens.pop(stream_id)
+    def _dispatch(self, link: DecoderLink, record: ToWorker) -> None:
+        if isinstance(record, Opened | Refused | Failed) and record.stream_id in link.pending_opens:
+            future = link.pending_opens.pop(record.stream_id)
             if not future.done():
                 future.set_result(record)
             return
-        stream = link.streams.get(stream_id)
+        stream = link.streams.get(record.stream_id)
         if stream is None:
             return
-        if op == "final" and not stream.final.done():
+        if isinstance(record, Final) and not stream.final.done():
             stream.final.set_result(record)
-        elif op == "failed" and not stream.final.done():
-            stream.final.set_exception(SttError(str(record.get("error", "decoder failed"))))
-        elif op == "partial" and stream.on_partial is not None:
-            asyncio.create_task(stream.on_partial(str(record["text"])))  # noqa: RUF006 (fire and forget)
+        elif isinstance(record, Failed) and not stream.final.done():
+            stream.final.set_exception(SttError(record.error))
+        elif isinstance(record, Partial) and stream.on_partial is not None:
+            asyncio.create_task(stream.on_partial(record.text))  # noqa: RUF006 (fire and forget)
 
     def _lost(self, link: DecoderLink) -> None:
         """The decoding process behind `link` died: replay its streams elsewhere."""
@@ -243,9 +243,9 @@ class PoolTranscriber(Transcriber):
         link.writer = None
         streams = list(link.streams.values())
         link.streams.clear()
-        for stream_id, future in link.pending_opens.items():
+        for future in link.pending_opens.values():
             if not future.done():
-                future.set_result({"op": "refused", "sid": stream_id, "reason": "connection lost"})
+                future.set_result(None)
         link.pending_opens.clear()
         if streams:
             log.warning(
@@ -270,25 +270,39 @@ class PoolTranscriber(Transcriber):
 
     async def _place(self, stream: PoolStream, force: bool) -> None:
         for link in self._candidates():
-            future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
-            link.pending_opens[stream.stream_id] = future
-            link.send(stream.open_record(force))
-            try:
-                reply = await asyncio.wait_for(future, OPEN_REPLY_TIMEOUT)
-            except TimeoutError:
-                link.pending_opens.pop(stream.stream_id, None)
-                continue
-            if reply["op"] == "opened":
+            reply = await self._ask_open(link, stream, force)
+            if isinstance(reply, Opened):
                 stream.link = link
                 link.streams[stream.stream_id] = stream
                 self.orphans.pop(stream.stream_id, None)
                 return
-            if reply["op"] == "failed":
-                raise SttError(str(reply.get("error")))
+            if isinstance(reply, Failed):
+                raise SttError(reply.error)
         if force:
             self.orphans[stream.stream_id] = stream
             return
         raise SttOverloaded("every decoding process is at capacity")
+
+    async def _ask_open(self, link: DecoderLink, stream: PoolStream, force: bool) -> Opened | Refused | Failed | None:
+        """Offer `stream` to one decoding process; None if it did not answer in time."""
+        future: asyncio.Future[Opened | Refused | Failed | None] = asyncio.get_running_loop().create_future()
+        link.pending_opens[stream.stream_id] = future
+        link.send(stream.open_record(force))
+        try:
+            return await asyncio.wait_for(future, self.open_timeout)
+        except TimeoutError:
+            self._give_up_open(link, stream)
+            return None
+        except BaseException:
+            self._give_up_open(link, stream)
+            raise
+
+    @staticmethod
+    def _give_up_open(link: DecoderLink, stream: PoolStream) -> None:
+        # The process may still open the stream when it gets to the request (it was paused,
+        # or the recording was abandoned meanwhile): the abort behind it makes it forget it.
+        link.pending_opens.pop(stream.stream_id, None)
+        link.send(Abort(stream_id=stream.stream_id))
 
     async def _wait_ready(self) -> None:
         loop = asyncio.get_running_loop()

@@ -15,6 +15,10 @@ from stt_pool.errors import AudioTooLong, SampleRateChanged
 
 PartialCallback = Callable[[str], Coroutine[Any, Any, None]]
 
+# The sample rates a recording may have. A fixed set, because a decoding process keeps warm
+# recognisers (and their resamplers) per rate: arbitrary rates would each cost it memory.
+SAMPLE_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
+
 
 class TranscriptStream(ABC):
     """One open recording. `append` enforces the length limit and a fixed sample rate."""

@@ -15,7 +15,10 @@ import time
 from enum import IntEnum
 from pathlib import Path
 
-STATUS_FILE = "pool.status"
+import psutil
+
+from stt_pool.layout import status_path
+
 MAGIC = 0x53545450  # "STTP"
 
 
@@ -64,8 +67,7 @@ class Slot(ctypes.Structure):
 class PoolStatus:
     """A view of the status file. `create` (supervisor) sizes it; `attach` maps what exists."""
 
-    def __init__(self, path: Path, buffer: mmap.mmap) -> None:
-        self.path = path
+    def __init__(self, buffer: mmap.mmap) -> None:
         self._buffer = buffer
         self.header = Header.from_buffer(buffer)
         count = (len(buffer) - ctypes.sizeof(Header)) // ctypes.sizeof(Slot)
@@ -73,7 +75,7 @@ class PoolStatus:
 
     @classmethod
     def create(cls, runtime_dir: Path, workers: int) -> PoolStatus:
-        path = runtime_dir / STATUS_FILE
+        path = status_path(runtime_dir)
         size = ctypes.sizeof(Header) + workers * ctypes.sizeof(Slot)
         runtime_dir.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")
@@ -83,7 +85,7 @@ class PoolStatus:
             buffer = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        status = cls(path, buffer)
+        status = cls(buffer)
         status.header.magic = MAGIC
         status.header.workers = workers
         status.header.supervisor_pid = os.getpid()
@@ -94,9 +96,8 @@ class PoolStatus:
     @classmethod
     def attach(cls, runtime_dir: Path) -> PoolStatus | None:
         """The current table, or None while the supervisor has not created it yet."""
-        path = runtime_dir / STATUS_FILE
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(status_path(runtime_dir), os.O_RDWR)
         except FileNotFoundError:
             return None
         try:
@@ -106,7 +107,7 @@ class PoolStatus:
             buffer = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        status = cls(path, buffer)
+        status = cls(buffer)
         return status if status.header.magic == MAGIC else None
 
     @classmethod
@@ -135,3 +136,10 @@ class PoolStatus:
             for index, slot in enumerate(self.slots)
             if slot.state == SlotState.READY and now - slot.heartbeat < heartbeat_age
         ]
+
+    def supervisor_alive(self) -> bool:
+        """Whether the process that created this table still runs (a zombie does not count)."""
+        try:
+            return bool(psutil.Process(int(self.header.supervisor_pid)).status() != psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            return False

@@ -16,16 +16,20 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from config import Settings
 from config.logs import configure_logging
 from stt_pool.decoder import DecoderConfig, run_decoder
+from stt_pool.layout import buffer_dir, socket_path
 from stt_pool.model import load_model
 from stt_pool.status import PoolState, PoolStatus, SlotState
+
+if TYPE_CHECKING:
+    from config import Settings
 
 log = logging.getLogger("stt_pool.supervisor")
 
@@ -37,24 +41,28 @@ HUNG_AFTER = 15.0
 MAX_BACKOFF = 5.0
 
 
-def socket_path(runtime_dir: Path, index: int) -> Path:
-    return runtime_dir / f"decoder-{index}.sock"
-
-
-def buffer_dir(runtime_dir: Path) -> Path:
-    return runtime_dir / "pcm"
+@dataclass(frozen=True)
+class PoolConfig:
+    runtime_dir: Path
+    model_path: Path
+    workers: int
+    streams_per_worker: int
+    max_backlog_ms: int
+    piece_ms: int
+    partial_interval: float
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, model: Any, status: PoolStatus, stop: threading.Event) -> None:
-        self.settings = settings
+    def __init__(self, config: PoolConfig, model: Any, status: PoolStatus, stop: threading.Event) -> None:
+        self.config = config
         self.stop_requested = stop
         self.model = model
         self.status = status
-        self.runtime_dir = settings.pool_dir
-        self.listeners = [self._listen(socket_path(self.runtime_dir, i)) for i in range(settings.stt_workers)]
+        self.listeners = [self._listen(socket_path(config.runtime_dir, i)) for i in range(config.workers)]
         self.children: dict[int, int] = {}  # pid -> slot index
-        self.failures = [0] * settings.stt_workers
+        self.failures = [0] * config.workers
+        # Slots whose decoder died, with the time (monotonic) their replacement is due.
+        self.restarts_due: dict[int, float] = {}
 
     @staticmethod
     def _listen(path: Path) -> socket.socket:
@@ -77,11 +85,11 @@ class Supervisor:
                         listener.close()
                 config = DecoderConfig(
                     index=index,
-                    buffer_dir=buffer_dir(self.runtime_dir),
-                    streams_limit=self.settings.stt_streams_per_worker,
-                    max_backlog_ms=self.settings.stt_max_backlog_ms,
-                    piece_ms=self.settings.stt_piece_ms,
-                    partial_interval=self.settings.partial_interval_ms / 1000,
+                    runtime_dir=self.config.runtime_dir,
+                    streams_limit=self.config.streams_per_worker,
+                    max_backlog_ms=self.config.max_backlog_ms,
+                    piece_ms=self.config.piece_ms,
+                    partial_interval=self.config.partial_interval,
                 )
                 run_decoder(config, self.model, self.listeners[index], self.status)
             except BaseException:
@@ -102,11 +110,13 @@ class Supervisor:
         log.info("stt pool ready", extra={"workers": len(self.listeners)})
         while not self.stop_requested.is_set():
             self._reap()
+            self._restart_due()
             self._kill_hung()
             time.sleep(POLL_INTERVAL)
         self.shutdown()
 
     def _reap(self) -> None:
+        """Collect dead decoders and schedule their replacement (backing off if they die young)."""
         while self.children:
             try:
                 pid, wait_status = os.waitpid(-1, os.WNOHANG)
@@ -128,8 +138,14 @@ class Supervisor:
                 "decoder died, restarting",
                 extra={"decoder": index, "decoder_pid": pid, "exit": _describe_exit(wait_status), "backoff_s": backoff},
             )
-            time.sleep(backoff)
-            self.spawn(index)
+            self.restarts_due[index] = time.monotonic() + backoff
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for index, due in list(self.restarts_due.items()):
+            if due <= now:
+                del self.restarts_due[index]
+                self.spawn(index)
 
     def _kill_hung(self) -> None:
         now = time.time()
@@ -154,7 +170,7 @@ class Supervisor:
             _signal(pid, signal.SIGKILL)
         for index, listener in enumerate(self.listeners):
             listener.close()
-            socket_path(self.runtime_dir, index).unlink(missing_ok=True)
+            socket_path(self.config.runtime_dir, index).unlink(missing_ok=True)
         log.info("stt pool stopped")
 
 
@@ -174,8 +190,17 @@ def _describe_exit(wait_status: int) -> str:
 def run_supervisor(settings: Settings) -> None:
     """Entry point of the process Sanic's worker manager starts."""
     configure_logging(settings)
-    status = PoolStatus.create(settings.pool_dir, settings.stt_workers)
-    buffer_dir(settings.pool_dir).mkdir(parents=True, exist_ok=True)
+    config = PoolConfig(
+        runtime_dir=settings.pool_dir,
+        model_path=settings.vosk_model_path,
+        workers=settings.stt_workers,
+        streams_per_worker=settings.stt_streams_per_worker,
+        max_backlog_ms=settings.stt_max_backlog_ms,
+        piece_ms=settings.stt_piece_ms,
+        partial_interval=settings.partial_interval_ms / 1000,
+    )
+    status = PoolStatus.create(config.runtime_dir, config.workers)
+    buffer_dir(config.runtime_dir).mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
 
     def request_stop(*_: object) -> None:
@@ -188,24 +213,14 @@ def run_supervisor(settings: Settings) -> None:
     status.header.state = PoolState.LOADING
     started = time.monotonic()
     try:
-        model = load_model(settings.vosk_model_path)
+        model = load_model(config.model_path)
     except Exception as error:
-        message = f"cannot load the Vosk model at {settings.vosk_model_path}: {error}"
+        message = f"cannot load the Vosk model at {config.model_path}: {error}"
         log.error(message)
         status.fail(message)  # the Sanic workers see it and stop the service (see PoolTranscriber)
         sys.exit(1)
     status.header.model_load_ms = int((time.monotonic() - started) * 1000)
     status.header.model_rss = psutil.Process().memory_info().rss
-    log.info(
-        "vosk model loaded",
-        extra={"model": str(settings.vosk_model_path), "load_ms": status.header.model_load_ms},
-    )
+    log.info("vosk model loaded", extra={"model": str(config.model_path), "load_ms": status.header.model_load_ms})
     if not stop.is_set():
-        Supervisor(settings, model, status, stop).run()
-
-
-def supervisor_alive(status: PoolStatus) -> bool:
-    try:
-        return bool(psutil.Process(int(status.header.supervisor_pid)).status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
+        Supervisor(config, model, status, stop).run()
