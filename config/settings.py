@@ -130,6 +130,15 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("vosk_sample_rate", "audio_sample_rate")
+    @classmethod
+    def _accepted_sample_rate(cls, value: int | None) -> int | None:
+        from stt_pool.interface import SAMPLE_RATES
+
+        if value is not None and value not in SAMPLE_RATES:
+            raise ValueError(f"must be one of {', '.join(map(str, SAMPLE_RATES))}")
+        return value
+
     @field_validator("openrouter_base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:

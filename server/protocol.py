@@ -17,6 +17,8 @@ import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo
 from pydantic_core import PydanticCustomError
 
+from stt_pool.interface import SAMPLE_RATES
+
 
 class ErrorCode(StrEnum):
     INVALID_EVENT_TYPE = "INVALID_EVENT_TYPE"
@@ -207,6 +209,12 @@ class MessageStart(SessionEvent):
     sender: Label = Field(description="Who speaks in this recording.")
 
 
+def _accepted_sample_rate(rate: int) -> int:
+    if rate not in SAMPLE_RATES:
+        raise ValueError(f"sample_rate must be one of {', '.join(map(str, SAMPLE_RATES))}")
+    return rate
+
+
 class AudioStream(SessionEvent):
     """Appends base64 PCM (s16le) to the open recording."""
 
@@ -216,8 +224,10 @@ class AudioStream(SessionEvent):
     format: Annotated[str, StringConstraints(max_length=32)] | None = Field(
         None, description="The audio encoding: 16-bit PCM only, under any of its accepted names."
     )
-    sample_rate: Annotated[int, Field(ge=8000, le=48000)] | None = Field(
-        None, description="Hz; default `VOSK_SAMPLE_RATE`. Fixed once a recording has audio."
+    sample_rate: Annotated[int, Field(ge=8000, le=48000), AfterValidator(_accepted_sample_rate)] | None = Field(
+        None,
+        description=f"Hz, one of {', '.join(map(str, SAMPLE_RATES))}; default `VOSK_SAMPLE_RATE`. "
+        "Fixed once a recording has audio.",
     )
     channels: Annotated[int, Field(ge=1, le=2)] | None = Field(
         None, description="1 (default) or 2; stereo is interleaved and downmixed by averaging."
