@@ -74,6 +74,7 @@ class PoolStream(TranscriptStream):
         # Bytes in the buffer. Updated before any await, so a replay never misses a stored chunk.
         self.written = 0
         self.finishing = False
+        self.released = False
         self.link: DecoderLink | None = None
         self.final: asyncio.Future[Final] = asyncio.get_running_loop().create_future()
 
@@ -112,6 +113,7 @@ class PoolStream(TranscriptStream):
         self._release()
 
     def _release(self) -> None:
+        self.released = True
         if self.link is not None:
             self.link.streams.pop(self.stream_id, None)
             self.link = None
@@ -189,7 +191,7 @@ class PoolTranscriber(Transcriber):
                     if not link.alive:
                         await self._connect(link)
                 for stream in list(self.orphans.values()):
-                    await self._place(stream, force=True)
+                    await self._replay(stream)
             await asyncio.sleep(RECONNECT_INTERVAL)
 
     def _failure(self) -> str:
@@ -268,9 +270,22 @@ class PoolTranscriber(Transcriber):
 
         return sorted((link for link in self.links if link.alive), key=load)
 
+    async def _replay(self, stream: PoolStream) -> None:
+        if stream.released:
+            return
+        try:
+            await self._place(stream, force=True)
+        except SttError as error:
+            self.orphans.pop(stream.stream_id, None)
+            if not stream.final.done():
+                stream.final.set_exception(error)
+
     async def _place(self, stream: PoolStream, force: bool) -> None:
         for link in self._candidates():
             reply = await self._ask_open(link, stream, force)
+            if isinstance(reply, Opened) and stream.released:
+                link.send(Abort(stream_id=stream.stream_id))  # aborted while being replayed
+                return
             if isinstance(reply, Opened):
                 stream.link = link
                 link.streams[stream.stream_id] = stream

@@ -328,18 +328,29 @@ async def test_a_recogniser_reused_for_the_next_message_decodes_like_a_new_one(s
 
 
 async def test_a_decoder_far_behind_real_time_takes_no_new_recording(model_dir, references):
-    """Saturation is also time: audio piling up undecoded means a new recording would wait too long."""
+    """Saturation is also time: recordings piling up undecoded mean a new one would wait too long.
+
+    One recording alone, however far ahead its client sends (a whole file at once), only takes its
+    share of the decoder: the next recording is still accepted; a second one that far behind is
+    saturation.
+    """
     pcm = read_pcm(LONG)
     with ServerProcess(
         VOSK_MODEL_PATH=model_dir, STT_WORKERS=1, STT_STREAMS_PER_WORKER=8, STT_MAX_BACKLOG_MS=100
     ) as server:
-        async with ProtocolClient(server.ws_url) as first, ProtocolClient(server.ws_url) as second:
-            first_id = await first.start_session()
-            second_id = await second.start_session()
-            await stream_message(first, first_id, pcm, len(pcm))  # 19 s at once: far ahead of the decoder
+        async with (
+            ProtocolClient(server.ws_url) as first,
+            ProtocolClient(server.ws_url) as second,
+            ProtocolClient(server.ws_url) as third,
+        ):
+            ids = [await client.start_session() for client in (first, second, third)]
+            await stream_message(first, ids[0], pcm, len(pcm))  # 19 s at once: far ahead of the decoder
             await asyncio.sleep(0.2)
-            await second.send("message_start", session_id=second_id, sender="other")
-            await second.expect_error("STT_OVERLOADED")
-            assert await finish_message(first, first_id) == references[LONG]
-            await stream_message(second, second_id, read_pcm(SHORT), 32000)
-            assert await finish_message(second, second_id) == references[SHORT]
+            await stream_message(second, ids[1], pcm, len(pcm))
+            await asyncio.sleep(0.2)
+            await third.send("message_start", session_id=ids[2], sender="other")
+            await third.expect_error("STT_OVERLOADED")
+            assert await finish_message(first, ids[0]) == references[LONG]
+            assert await finish_message(second, ids[1]) == references[LONG]
+            await stream_message(third, ids[2], read_pcm(SHORT), 32000)
+            assert await finish_message(third, ids[2]) == references[SHORT]
