@@ -27,14 +27,22 @@ class FakeDecoder:
     answering: bool
     received: list[ToDecoder] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Answers wait for this while it is cleared (a process slow to get to its requests).
+    go: asyncio.Event = field(default_factory=asyncio.Event)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.go.set()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
         records = decoder_reader()
         while data := await reader.read(65536):
             for record in records.feed(data):
                 self.received.append(record)
                 self.changed.set()
                 if isinstance(record, Open) and self.answering:
+                    await self.go.wait()
                     writer.write(encode(Opened(stream_id=record.stream_id)))
 
     async def wait_for(self, count: int) -> list[ToDecoder]:
@@ -69,7 +77,7 @@ async def pool(tmp_path: Path) -> AsyncIterator[tuple[PoolTranscriber, list[Fake
     async with asyncio.timeout(10):
         while not all(link.alive for link in transcriber.links):  # noqa: ASYNC110 (no event for "all links up")
             await asyncio.sleep(0.01)
-    yield transcriber, decoders
+    yield transcriber, decoders, servers
     await transcriber.close()
     for server in servers:
         server.close()
@@ -77,7 +85,7 @@ async def pool(tmp_path: Path) -> AsyncIterator[tuple[PoolTranscriber, list[Fake
 
 async def test_an_open_given_up_on_a_paused_decoder_is_aborted_there(pool):
     """The request stays in the paused process's socket; when it resumes it must not keep a stream."""
-    transcriber, (paused, live) = pool
+    transcriber, (paused, live), _ = pool
     stream = await transcriber.open_stream()
     assert [type(record) for record in await paused.wait_for(2)] == [Open, Abort]
     assert {record.stream_id for record in paused.received} == {stream.stream_id}
@@ -86,7 +94,7 @@ async def test_an_open_given_up_on_a_paused_decoder_is_aborted_there(pool):
 
 
 async def test_an_open_abandoned_by_its_caller_is_aborted(pool):
-    transcriber, (paused, _) = pool
+    transcriber, (paused, _), _ = pool
     transcriber.open_timeout = 30
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(transcriber.open_stream(), 0.3)
@@ -95,9 +103,29 @@ async def test_an_open_abandoned_by_its_caller_is_aborted(pool):
 
 
 async def test_when_no_decoder_answers_the_recording_is_refused_and_aborted_everywhere(pool):
-    transcriber, decoders = pool
+    transcriber, decoders, _ = pool
     decoders[1].answering = False
     with pytest.raises(SttOverloaded):
         await transcriber.open_stream()
     for decoder in decoders:
         assert [type(record) for record in await decoder.wait_for(2)] == [Open, Abort]
+
+
+async def test_a_recording_aborted_while_its_replay_waits_for_an_answer_is_aborted_there_too(pool):
+    """Its decoder died, the replay's `open` is in flight on another one, the client gives up."""
+    transcriber, (slow, dying), servers = pool
+    stream = await transcriber.open_stream()
+    await slow.wait_for(2)  # the first offer, given up on
+    transcriber.open_timeout = 30
+    slow.answering = True
+    slow.go.clear()
+    servers[1].close()
+    for writer in dying.writers:
+        writer.close()
+    records = await slow.wait_for(3)
+    assert isinstance(records[2], Open) and records[2].force, "the stream is replayed on the live process"
+    await stream.abort()
+    slow.go.set()
+    records = await slow.wait_for(4)
+    assert isinstance(records[3], Abort) and records[3].stream_id == stream.stream_id
+    assert all(not link.streams for link in transcriber.links)
