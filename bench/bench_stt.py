@@ -24,6 +24,7 @@ import time
 import wave
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import websockets
@@ -126,6 +127,44 @@ def single_thread_rtf(model_dir: Path) -> float:
     started = time.process_time()
     decode(unheard)
     return (time.process_time() - started) / (len(unheard) / BYTES_PER_SECOND)
+
+
+def recogniser_reuse_cost(model_dir: Path, repeats: int = 5) -> None:
+    """CPU of a 2 s message on a new recogniser against the pool's warm one, and of making a warm
+    one as good as new after a stream that ended on an endpoint (stt_pool.decoder.finalize)."""
+    import vosk
+
+    from stt_pool.decoder import finalize
+
+    model = vosk.Model(str(model_dir))
+    piece = int(CHUNK_SECONDS * BYTES_PER_SECOND)
+
+    def decode(recognizer: Any, pcm: bytes, stop_at_endpoint: bool = False) -> float:
+        started = time.process_time()
+        for offset in range(0, len(pcm), piece):
+            if recognizer.AcceptWaveform(pcm[offset : offset + piece]):
+                recognizer.Result()
+                if stop_at_endpoint:
+                    return time.process_time() - started
+        recognizer.FinalResult()
+        return time.process_time() - started
+
+    messages = [utterance(2.0, start=index) for index in range(repeats)]
+    new = statistics.median(decode(vosk.KaldiRecognizer(model, 16000), pcm) for pcm in messages)
+    warm = vosk.KaldiRecognizer(model, 16000)
+    decode(warm, utterance(10.0, start=repeats))
+    reused = statistics.median(decode(warm, pcm) for pcm in messages)
+    resets = []
+    for index in range(repeats):
+        recognizer = vosk.KaldiRecognizer(model, 16000)
+        decode(recognizer, utterance(3.0, trailing_silence=3.0, start=index), stop_at_endpoint=True)
+        started = time.process_time()
+        finalize(recognizer, at_endpoint=True, final_result_taken=True)
+        resets.append(time.process_time() - started)
+    print("\nrecogniser reuse, CPU per 2 s message (median): the pool keeps recognisers warm")
+    print(f"  new recogniser {new:.3f} s   warm recogniser {reused:.3f} s   ratio {new / reused:.1f}")
+    finalizing = statistics.median(resets) * 1000
+    print(f"  finalizing a warm one after a stream that ended on an endpoint: {finalizing:.1f} ms")
 
 
 async def paced_chunks(pcm: bytes, send: Callable[[bytes], Awaitable[None]]) -> None:
@@ -250,6 +289,7 @@ async def run() -> None:
     rtf = single_thread_rtf(model_dir)
     limit = CORES / rtf
     print(f"single-thread real-time factor: {rtf:.3f}  ->  decoding limit = {CORES} / {rtf:.3f} = {limit:.1f} streams")
+    recogniser_reuse_cost(model_dir)
 
     baseline, port = start_baseline(model_dir)
     try:

@@ -17,15 +17,11 @@ import mmap
 import os
 from pathlib import Path
 
-from stt_pool.errors import SttError
+from stt_pool.errors import BufferFull
 from stt_pool.interface import SAMPLE_RATES
 
 # Space is reserved in steps: one system call per couple of seconds of audio, little left unused.
 RESERVE_STEP = 64 * 1024
-
-
-class BufferFull(SttError):
-    """The runtime directory has no space left for more audio of this recording."""
 
 
 def capacity_for(max_seconds: float) -> int:

@@ -9,6 +9,10 @@ class SttOverloaded(SttError):
     """Every decoding process is at capacity; the new recording was refused (STT_OVERLOADED)."""
 
 
+class BufferFull(SttError):
+    """The runtime directory has no space left for more audio of this recording (STT_SERVICE_ERROR)."""
+
+
 class SttTimeout(SttError):
     """The final transcript did not arrive within STT_TIMEOUT (SERVICE_TIMEOUT)."""
 

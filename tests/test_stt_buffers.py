@@ -39,7 +39,8 @@ def test_a_full_filesystem_is_a_clean_error_for_the_writer_and_keeps_what_was_st
     script = textwrap.dedent(
         f"""
         from pathlib import Path
-        from stt_pool.buffers import BufferFull, PcmReader, PcmWriter
+        from stt_pool.buffers import PcmReader, PcmWriter
+        from stt_pool.errors import BufferFull
         directory = Path({str(small_tmpfs)!r})
         writer = PcmWriter(directory / "a.pcm", 8 << 20)
         chunk, stored = bytes(range(256)) * 125, 0
