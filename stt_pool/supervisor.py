@@ -39,6 +39,8 @@ POOL_PROCESS_NAME = "STTPool"
 POLL_INTERVAL = 0.05
 HUNG_AFTER = 15.0
 MAX_BACKOFF = 5.0
+# A decoder that dies sooner after its start than this is failing, not unlucky: restart it later.
+YOUNG = 1.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Supervisor:
         self.listeners = [self._listen(socket_path(config.runtime_dir, i)) for i in range(config.workers)]
         self.children: dict[int, int] = {}  # pid -> slot index
         self.failures = [0] * config.workers
+        self.spawned_at = [0.0] * config.workers  # monotonic
         # Slots whose decoder died, with the time (monotonic) their replacement is due.
         self.restarts_due: dict[int, float] = {}
 
@@ -76,6 +79,7 @@ class Supervisor:
         slot = self.status.slots[index]
         slot.state = SlotState.STARTING
         slot.heartbeat = time.time()
+        self.spawned_at[index] = time.monotonic()
         pid = os.fork()
         if pid == 0:  # the decoder
             code = 0
@@ -116,23 +120,26 @@ class Supervisor:
         self.shutdown()
 
     def _reap(self) -> None:
-        """Collect dead decoders and schedule their replacement (backing off if they die young)."""
-        while self.children:
+        """Collect dead decoders and schedule their replacement, backing off while they die young.
+
+        Never waits: this loop also watches for stop and for hung decoders.
+        """
+        for pid, index in list(self.children.items()):
             try:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+                done, wait_status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            index = self.children.pop(pid, None)
-            if index is None or self.stop_requested.is_set():
+                done, wait_status = pid, 0
+            if not done:
+                continue
+            del self.children[pid]
+            if self.stop_requested.is_set():
                 continue
             slot = self.status.slots[index]
             slot.state = SlotState.DEAD
             slot.restarts += 1
             self.status.header.restarts += 1
-            lived = time.time() - slot.heartbeat
-            self.failures[index] = self.failures[index] + 1 if lived < 1.0 else 0
+            lived = time.monotonic() - self.spawned_at[index]
+            self.failures[index] = self.failures[index] + 1 if lived < YOUNG else 0
             backoff = min(MAX_BACKOFF, 0.1 * 2 ** self.failures[index]) if self.failures[index] else 0.0
             log.warning(
                 "decoder died, restarting",
