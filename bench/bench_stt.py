@@ -136,6 +136,7 @@ def recogniser_reuse_cost(model_dir: Path, repeats: int = 5) -> None:
 
     from stt_pool.decoder import finalize
 
+    vosk.SetLogLevel(-1)
     model = vosk.Model(str(model_dir))
     piece = int(CHUNK_SECONDS * BYTES_PER_SECOND)
 
