@@ -146,7 +146,7 @@ class Recognizers:
         return self.factory(sample_rate)
 
     def give_back(self, sample_rate: int, recognizer: Recognizer) -> None:
-        """`recognizer` must have just returned its FinalResult (only that resets it)."""
+        """`recognizer` must be finalized (see `finalize`)."""
         self.idle.setdefault(sample_rate, []).append(recognizer)
         self.idle.move_to_end(sample_rate)
         while self.count() > self.keep:
