@@ -17,7 +17,7 @@ import mmap
 import os
 from pathlib import Path
 
-from stt_pool.errors import BufferFull
+from stt_pool.errors import BufferFull, SttError
 from stt_pool.interface import SAMPLE_RATES
 
 # Space is reserved in steps: one system call per couple of seconds of audio, little left unused.
@@ -38,14 +38,14 @@ class PcmWriter:
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as error:
-            raise BufferFull(f"cannot create the audio buffer: {error.strerror}") from None
+            raise SttError(f"cannot create the audio buffer: {error.strerror}") from None
         try:
             os.ftruncate(self._fd, capacity)
             self._map = mmap.mmap(self._fd, capacity)
         except OSError as error:
             os.close(self._fd)
             path.unlink(missing_ok=True)
-            raise BufferFull(f"cannot map the audio buffer: {error.strerror}") from None
+            raise SttError(f"cannot map the audio buffer: {error.strerror}") from None
 
     def write(self, offset: int, pcm: bytes) -> None:
         """Store `pcm` at `offset`; raise BufferFull (storing nothing) when no space is left."""
