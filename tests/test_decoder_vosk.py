@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from harness.speech import deterministic_model, read_pcm
 from stt_pool.wire import Final
-from tests.support.speech import deterministic_model, read_pcm
 from tests.test_decoder_loop import Harness
 
 PIECE = 3200  # 100 ms at 16 kHz

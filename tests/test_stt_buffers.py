@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.client import ProtocolClient
-from tests.support.server import ROOT, ServerProcess
-from tests.support.speech import deterministic_model, read_pcm, reference_transcript
+from harness.client import ProtocolClient
+from harness.server import ROOT, ServerProcess
+from harness.speech import deterministic_model, read_pcm, reference_transcript
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.support.server import ROOT
+from harness.server import ROOT
 
 
 def test_the_pool_client_imports_neither_vosk_nor_the_decoder_nor_the_settings():
