@@ -264,6 +264,10 @@ class Decoder:
         if record.sample_rate not in SAMPLE_RATES:
             self._send(peer, Failed(stream_id=record.stream_id, error="unsupported sample rate"))
             return
+        previous = self.streams.get(record.stream_id)
+        if previous is not None:
+            # A replay over a new connection overtook the end of the old one: decode from the start.
+            self._close(previous)
         try:
             reader = PcmReader(buffer_path(self.config.runtime_dir, record.stream_id))
         except OSError as error:

@@ -303,3 +303,17 @@ def test_a_sample_rate_outside_the_accepted_set_fails_the_stream(harness, where)
     assert isinstance(reply, Failed)
     assert "sample rate" in reply.error
     assert harness.decoder.streams == {}
+
+
+def test_a_replay_that_overtakes_the_end_of_its_old_connection_starts_the_stream_afresh(harness):
+    assert isinstance(harness.open("s"), Opened)
+    harness.store("s", speech("a", "b"))
+    for _ in range(3):
+        harness.decoder.step(0)
+    harness.send(
+        Open(stream_id="s", sample_rate=RATE, partials=False, end=harness.written["s"], finishing=True, force=True)
+    )
+    final, _ = harness.pump(Final, "s")
+    assert final.text == "a b", "decoded once, from the start"
+    assert harness.decoder.streams == {}
+    assert len(harness.created) == 1, "the first attempt's warm recogniser was handed on, not leaked"
