@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stt_pool.interface import SAMPLE_RATES
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVICE_NAME = "ai-dialogue-backend"
 VERSION = "1.0.0"
@@ -133,8 +135,6 @@ class Settings(BaseSettings):
     @field_validator("vosk_sample_rate", "audio_sample_rate")
     @classmethod
     def _accepted_sample_rate(cls, value: int | None) -> int | None:
-        from stt_pool.interface import SAMPLE_RATES
-
         if value is not None and value not in SAMPLE_RATES:
             raise ValueError(f"must be one of {', '.join(map(str, SAMPLE_RATES))}")
         return value
