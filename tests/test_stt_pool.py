@@ -229,6 +229,36 @@ async def test_sigkill_of_the_busy_decoder_mid_utterance_still_gives_the_transcr
     assert int(stt["restarts"]) > restarts_before
 
 
+async def test_a_decoder_paused_while_asked_to_open_keeps_no_phantom_stream(pool_server, references):
+    """The open is given up on after 5 s and placed on the other process; the paused one, resumed
+    while the recording goes on, finds an abort behind the open and forgets the stream."""
+    status = PoolStatus.attach(Path(pool_server.env["RUNTIME_DIR"]))
+    assert status is not None
+    paused = status.slots[0]  # equally idle processes: placement tries slot 0 first
+    pid = int(paused.pid)
+    os.kill(pid, signal.SIGSTOP)
+    async with ProtocolClient(pool_server.ws_url) as client:
+        session_id = await client.start_session()
+        try:
+            await client.send("message_start", session_id=session_id, sender="other")
+            await client.expect_status("recording_message", session_id)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        resumed = time.time()
+        while paused.heartbeat <= resumed:  # until it has read its socket again
+            assert time.monotonic() < deadline, "the resumed process never beat again"
+            await asyncio.sleep(0.05)
+        assert paused.streams == 0, "the resumed process holds a stream nobody will ever finish"
+        assert [int(slot.streams) for slot in status.slots] == [0, 1]
+        pcm = read_pcm(SHORT)
+        for offset in range(0, len(pcm), 32000):
+            chunk = base64.b64encode(pcm[offset : offset + 32000]).decode()
+            await client.send("audio_stream", session_id=session_id, audio_chunk=chunk)
+        assert await finish_message(client, session_id) == references[SHORT]
+    assert int(paused.pid) == pid, "the paused process was resumed, not replaced"
+
+
 async def test_saturated_pool_refuses_new_recordings_then_recovers(single_decoder_server, references):
     server = single_decoder_server
     async with ProtocolClient(server.ws_url) as first, ProtocolClient(server.ws_url) as second:
