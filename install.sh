@@ -32,6 +32,8 @@ install_dir=$DEFAULT_DIR
 root=""
 model=""
 sha256=""
+skip_sha256=0
+allow_http=0
 start=1
 purge=0
 create_venv=1
@@ -62,9 +64,11 @@ Options:
   --model MODEL     install a Vosk model into DIR/model/vosk-model; MODEL is one of
                       cn         ${MODEL_URLS[cn]}
                       small-en   ${MODEL_URLS[small-en]}
-                      URL        any http(s) URL of a .zip or .tar.gz model archive
+                      URL        an https URL of a .zip or .tar.gz model archive
                       PATH       a local model directory or archive
-  --sha256 HASH     expected SHA-256 of the model archive; without it the archive is unverified
+  --sha256 HASH     expected SHA-256 of the model archive (required for an archive)
+  --skip-sha256     install a model archive without checking it (explicit, not the default)
+  --allow-http      accept a plain http model URL (and redirects to http); https only otherwise
   --no-start        install and enable, but do not (re)start the service
   --no-venv         do not create the virtualenv (packaging, tests); also AI_DIALOGUE_NO_VENV=1
   --root DIR        stage the installation under DIR as if it were /: nothing outside DIR is
@@ -105,6 +109,8 @@ parse_args() {
             --logs) action=logs ;;
             --no-start) start=0 ;;
             --no-venv) create_venv=0 ;;
+            --skip-sha256) skip_sha256=1 ;;
+            --allow-http) allow_http=1 ;;
             --user | --dir | --root | --model | --sha256)
                 if (($# < 2)) || [[ -z "$2" ]]; then
                     die "$1 needs a value"
@@ -142,6 +148,18 @@ parse_args() {
         sha256=${sha256,,}
         [[ "$sha256" =~ ^[0-9a-f]{64}$ ]] || die "--sha256: expected 64 hexadecimal digits"
         [[ -n "$model" ]] || die "--sha256 only makes sense with --model"
+        ((skip_sha256 == 0)) || die "--sha256 and --skip-sha256 contradict each other"
+    fi
+    [[ -n "$model" ]] || ((skip_sha256 + allow_http == 0)) || die "--skip-sha256 and --allow-http only make sense with --model"
+    if [[ -n "$model" ]]; then
+        local source=${MODEL_URLS[$model]:-$model}
+        if [[ "$source" == http://* ]] && ((allow_http == 0)); then
+            die "refusing to download over plain http: $source (use https, or --allow-http if you must)"
+        fi
+        if [[ "$source" == http://* || "$source" == https://* || -f "$source" ]] &&
+            [[ -z "$sha256" ]] && ((skip_sha256 == 0)); then
+            die "a model archive needs --sha256 HASH (or --skip-sha256 to install it unverified)"
+        fi
     fi
     ((purge == 0)) || [[ "$action" == uninstall ]] || die "--purge only makes sense with --uninstall"
     [[ -z "$model" || "$action" == install ]] || die "--model only makes sense when installing"
@@ -381,23 +399,21 @@ EOF
 }
 
 download() {
-    local url=$1 out=$2
+    local url=$1 out=$2 protocols=https
+    ((allow_http == 0)) || protocols=http,https
+    command -v curl >/dev/null || die "downloading needs curl; or download the archive yourself and pass its path"
     say "downloading $url"
-    if command -v curl >/dev/null; then
-        curl --fail --location --retry 3 --show-error --silent --output "$out" "$url"
-    else
-        "$python" -c 'import shutil, sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=60) as r, open(sys.argv[2], "wb") as f:
-    shutil.copyfileobj(r, f)' "$url" "$out"
-    fi
+    # Redirects are followed only to the allowed protocols: an https URL cannot end up on http.
+    curl --fail --location --proto "=$protocols" --proto-redir "=$protocols" --retry 3 --show-error --silent \
+        --output "$out" "$url"
 }
 
 verify_archive() {
     local archive=$1 actual
     actual=$(sha256sum <"$archive" | cut -d' ' -f1)
-    if [[ -z "$sha256" ]]; then
+    if ((skip_sha256)); then
         warn "**************************************************************************"
-        warn "THE MODEL ARCHIVE IS UNVERIFIED: no --sha256 was given."
+        warn "THE MODEL ARCHIVE IS UNVERIFIED: --skip-sha256 was given."
         warn "Its SHA-256 is $actual"
         warn "Compare it with a value from a source you trust, or re-run with --sha256."
         warn "**************************************************************************"

@@ -37,14 +37,36 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+# C0 and C1 control characters and the Unicode line separators, as Python escapes them.
+_CONTROL = {code: chr(code).encode("unicode_escape").decode() for code in [*range(0x20), *range(0x7F, 0xA0)]}
+_CONTROL |= {0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def escape_controls(text: str) -> str:
+    """One log record stays one line: a client's newline (or terminal escape) is shown, not obeyed."""
+    return text.translate(_CONTROL)
+
+
 class TextFormatter(logging.Formatter):
+    """One line per record; control characters in the message and fields are escaped.
+
+    A traceback follows on indented lines, so no continuation line can pass for a record.
+    """
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD)
-        text = super().format(record)
-        return f"{text} {extras}" if extras else text
+        record.message = escape_controls(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        extras = " ".join(f"{k}={escape_controls(str(v))}" for k, v in record.__dict__.items() if k not in _STANDARD)
+        if extras:
+            text = f"{text} {extras}"
+        trace = record.exc_text or (self.formatException(record.exc_info) if record.exc_info else "")
+        if trace:
+            text += "".join(f"\n    {escape_controls(line)}" for line in trace.splitlines())
+        return text
 
 
 class RedactSecrets(logging.Filter):
@@ -87,8 +109,8 @@ def configure_logging(settings: Settings) -> None:
         handlers.append(
             logging.handlers.RotatingFileHandler(
                 settings.log_file,
-                maxBytes=settings.log_file_max_bytes,
-                backupCount=settings.log_file_backups,
+                maxBytes=settings.log_max_size,
+                backupCount=settings.log_backup_count,
                 encoding="utf-8",
             )
         )

@@ -7,12 +7,14 @@ variable and says what it accepts (see `load_settings`).
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from stt_pool.interface import SAMPLE_RATES
 
@@ -21,6 +23,9 @@ SERVICE_NAME = "ai-dialogue-backend"
 VERSION = "1.0.0"
 # A recording's wall-clock limit beyond its audio limit: time to send the last chunks and message_end.
 RECORDING_WALL_MARGIN_SECONDS = 30.0
+
+_SIZE = re.compile(r"(\d+)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")
 
 
 class ConfigError(Exception):
@@ -73,6 +78,8 @@ class Settings(BaseSettings):
     stt_piece_ms: int = Field(100, ge=10, le=1000)
     partial_interval_ms: int = Field(200, ge=50, le=10_000)
     max_recording_seconds: float = Field(120.0, gt=0, le=3600)
+    # Seed-era switch: false uses the mock transcriber even when a model is installed.
+    use_real_vosk: bool = True
 
     # Audio as clients send it: the format assumed for `audio_stream` chunks that do not declare
     # `sample_rate`/`channels` (the sample rate defaults to VOSK_SAMPLE_RATE, as PROTOCOL.md says).
@@ -83,9 +90,17 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)
+    # Seed-era name of WORKERS; setting both to different values is an error.
+    max_workers: int | None = Field(None, ge=1, le=64)
     debug: bool = False
     websocket_timeout: float = Field(300.0, gt=0)
-    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # The largest legitimate frame is one second of 48 kHz stereo audio: about 260 KB of base64.
+    max_message_bytes: int = Field(512 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # A client that has not read what it was sent for this long is closed (its recordings released).
+    websocket_send_timeout: float = Field(20.0, gt=0, le=600)
+    max_connections_per_ip: int = Field(32, ge=1, le=100_000)
+    # Origin allow-list for the WebSocket: ["*"], a JSON list or a comma-separated list.
+    allowed_origins: Annotated[tuple[str, ...], NoDecode] = ("*",)
     max_sessions_per_connection: int = Field(16, ge=1, le=1000)
     # Protocol limits: far above a real conversation (a 120 s utterance is about 600 characters),
     # far below what could exhaust a worker. Beyond them: INVALID_EVENT_DATA (RATE_LIMITED for recordings).
@@ -106,8 +121,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     log_file: Path | None = None
-    log_file_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
-    log_file_backups: int = Field(5, ge=0, le=100)
+    log_max_size: int = Field(20 * 1024 * 1024, ge=1024)
+    log_backup_count: int = Field(5, ge=0, le=100)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -139,6 +154,47 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(map(str, SAMPLE_RATES))}")
         return value
 
+    @field_validator("log_max_size", mode="before")
+    @classmethod
+    def _byte_size(cls, value: object) -> object:
+        """`100MB`, `512KiB`, `1g` or plain bytes; the units are binary, as the seed-era files meant."""
+        if not isinstance(value, str):
+            return value
+        match = _SIZE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError("must be a size such as 100MB, 512KB or 1048576")
+        return int(match[1]) * 1024 ** " kmg".index(match[2].lower() or " ")
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = orjson.loads(text)
+                except orjson.JSONDecodeError:
+                    raise ValueError("must be a JSON list of origins, or origins separated by commas") from None
+            else:
+                value = [item for item in (part.strip() for part in text.split(",")) if item]
+        if not isinstance(value, list | tuple) or not value:
+            raise ValueError("must list at least one origin (or *)")
+        origins = []
+        for origin in value:
+            if not isinstance(origin, str) or not (origin == "*" or _ORIGIN.fullmatch(origin.rstrip("/").lower())):
+                raise ValueError(f"{origin!r} is not an origin such as https://app.example.com or *")
+            origins.append(origin.rstrip("/").lower())
+        return tuple(origins)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_worker_count(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            workers, max_workers = data.get("workers"), data.get("max_workers")
+            if workers is not None and max_workers is not None and str(workers).strip() != str(max_workers).strip():
+                raise ValueError(f"MAX_WORKERS ({max_workers}) and WORKERS ({workers}) disagree: set only one")
+        return data
+
     @field_validator("openrouter_base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -153,6 +209,8 @@ class Settings(BaseSettings):
             shm = Path("/dev/shm")
             base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
             object.__setattr__(self, "runtime_dir", base / f"{SERVICE_NAME}-{self.port}")
+        if self.max_workers is not None:
+            object.__setattr__(self, "workers", self.max_workers)
         return self
 
     @property
@@ -170,7 +228,7 @@ class Settings(BaseSettings):
 
     @property
     def stt_mode(self) -> str:
-        return "vosk" if self.vosk_model_path.is_dir() else "mock"
+        return "vosk" if self.use_real_vosk and self.vosk_model_path.is_dir() else "mock"
 
     @property
     def pool_dir(self) -> Path:
@@ -180,10 +238,12 @@ class Settings(BaseSettings):
 
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
+    if not first["loc"]:  # a check across settings: its message names them
+        return f"invalid setting {first['msg'].removeprefix('Value error, ')}"
     name = str(first["loc"][0]).upper() if first["loc"] else "CONFIGURATION"
     value = first.get("input")
     shown = "" if name in {"OPENROUTER_API_KEY", "METRICS_TOKEN"} else f" (got {value!r})"
-    return f"invalid setting {name}{shown}: {first['msg']}"
+    return f"invalid setting {name}{shown}: {first['msg'].removeprefix('Value error, ')}"
 
 
 def load_settings(env_file: str | Path | None = None) -> Settings:

@@ -6,23 +6,38 @@ exists but cannot be loaded stops the service with one line too (exit code 3).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import sys
+from pathlib import Path
 
 from config import ConfigError, Settings, load_settings
 
 
 def prepare_runtime_dir(settings: Settings) -> None:
-    """Start from an empty runtime directory: sockets, PCM buffers and metrics of a previous run go."""
+    """Start from an empty runtime directory: sockets, PCM buffers and metrics of a previous run go.
+
+    The directory itself stays: under systemd it is the unit's RuntimeDirectory, created by systemd
+    in root-owned /run, where the service user can empty it but not remove or recreate it.
+    """
     runtime = settings.pool_dir
-    shutil.rmtree(runtime, ignore_errors=True)
     # Private: the decoder sockets and the PCM of open recordings live here.
-    runtime.mkdir(parents=True, mode=0o700)
+    runtime.mkdir(parents=True, mode=0o700, exist_ok=True)
+    runtime.chmod(0o700)
+    empty_directory(runtime)
     (runtime / "metrics").mkdir(mode=0o700)
     # prometheus_client reads this when first imported, in this process and in every worker.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(runtime / "metrics")
+
+
+def empty_directory(directory: Path) -> None:
+    for entry in directory.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -51,7 +66,9 @@ def main() -> int:
     try:
         return serve(settings)
     finally:
-        shutil.rmtree(settings.pool_dir, ignore_errors=True)
+        empty_directory(settings.pool_dir)
+        with contextlib.suppress(OSError):  # systemd's RuntimeDirectory is not ours to remove
+            settings.pool_dir.rmdir()
 
 
 def serve(settings: Settings) -> int:
@@ -59,10 +76,11 @@ def serve(settings: Settings) -> int:
     from sanic import Sanic
     from sanic.worker.loader import AppLoader
 
-    from server import sanic_shutdown
+    from server import worker_manager
     from server.app import create_app
+    from server.websocket_protocol import BackPressureWebSocketProtocol
 
-    sanic_shutdown.install()
+    worker_manager.install()
     loader = AppLoader(factory=create_app)
     app = loader.load()
     app.prepare(
@@ -72,8 +90,12 @@ def serve(settings: Settings) -> int:
         debug=settings.debug,
         access_log=settings.debug,
         motd=False,
+        protocol=BackPressureWebSocketProtocol,
     )
     Sanic.serve(primary=app, app_loader=loader)
+    if worker_manager.workers_kept_dying.is_set():
+        print("a Sanic worker kept dying; stopped so that systemd restarts the service", file=sys.stderr)
+        return 1
     if settings.stt_mode == "vosk":
         from stt_pool.status import PoolStatus
 

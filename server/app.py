@@ -12,7 +12,8 @@ import logging
 import os
 import time
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import orjson
 from sanic import Request, Sanic, Websocket
@@ -23,6 +24,7 @@ from sanic_ext import Extend, openapi
 from config import SERVICE_NAME, VERSION, Settings, load_settings
 from config.logs import configure_logging
 from server import metrics
+from server.admission import ConnectionCounter, client_address, origin_allowed
 from server.conversation import Conversation, Services
 from server.engines import build_generations, build_provider, build_transcriber
 from server.metrics_endpoint import register_metrics_route
@@ -47,9 +49,8 @@ def create_app(settings: Settings | None = None) -> App:
     app = Sanic(APP_NAME, dumps=_dumps, configure_logging=False)
     app.config.update(
         {
-            # Frames above our own limit still arrive, so the client gets an error event instead of
-            # a closed socket; only frames far beyond it are cut by the WebSocket layer.
-            "WEBSOCKET_MAX_SIZE": settings.max_message_bytes * 4,
+            # One rule: a frame above MAX_MESSAGE_BYTES closes the connection with 1009.
+            "WEBSOCKET_MAX_SIZE": settings.max_message_bytes,
             "WEBSOCKET_PING_INTERVAL": 20,
             "WEBSOCKET_PING_TIMEOUT": 20,
             "KEEP_ALIVE_TIMEOUT": 75,
@@ -87,6 +88,7 @@ def _register_listeners(app: App, settings: Settings) -> None:
         await transcriber.start()
         await provider.start()
         app.ctx.connections = 0
+        app.ctx.connections_by_address = ConnectionCounter(settings.max_connections_per_ip)
         app.ctx.services = Services(
             settings=settings,
             sessions=SessionStore(settings.max_ended_sessions_per_connection),
@@ -122,6 +124,17 @@ def _register_listeners(app: App, settings: Settings) -> None:
 
 def _register_routes(app: App) -> None:
     settings: Settings = app.ctx.settings
+    timezone = local_timezone()
+
+    @app.on_request
+    async def refuse_foreign_origins(request: Request) -> HTTPResponse | None:
+        # Before the upgrade, so a refused browser page gets a plain 403 and no WebSocket.
+        if request.path == "/conversation" and not origin_allowed(
+            request.headers.get("origin"), settings.allowed_origins
+        ):
+            log.info("websocket refused: origin not allowed", extra={"origin": request.headers.get("origin")})
+            return json({"error": "forbidden", "message": "this Origin is not in ALLOWED_ORIGINS"}, status=403)
+        return None
 
     @app.get("/")
     @openapi.summary("Liveness")
@@ -134,6 +147,7 @@ def _register_routes(app: App) -> None:
                 "service": "AI对话应用后端总服务",
                 "version": VERSION,
                 "description": "后端进程运行正常，各服务状态良好",
+                "timezone": timezone,
             }
         )
 
@@ -162,6 +176,7 @@ def _register_routes(app: App) -> None:
                 "timestamp": time.time(),
                 "service": "对话服务",
                 "version": VERSION,
+                "timezone": timezone,
                 "services": parts,
                 "engines": {"stt": stt, "llm": llm},
                 "stats": {
@@ -176,8 +191,22 @@ def _register_routes(app: App) -> None:
     @app.websocket("/conversation")  # type: ignore[untyped-decorator]
     @openapi.exclude()
     async def conversation(request: Request, ws: Websocket) -> None:
+        address = client_address(request)
+        by_address: ConnectionCounter = request.app.ctx.connections_by_address
+        if not by_address.enter(address):
+            log.warning("websocket refused: too many connections", extra={"remote": address})
+            await ws.close(1013, f"too many connections from this address (limit {by_address.limit})")
+            return
+
         async def send(event: dict[str, Any]) -> None:
-            await ws.send(encode(event))
+            try:
+                await asyncio.wait_for(ws.send(encode(event)), settings.websocket_send_timeout)
+            except TimeoutError:
+                # The client stopped reading: its TCP window is full and would stay so. Closing
+                # releases its recordings (and unblocks the keep-alive ping, which waits too).
+                log.warning("client not reading, closing", extra={"connection_id": conv.connection_id})
+                cast(asyncio.Transport, request.transport).abort()
+                raise
 
         conv = Conversation(request.app.ctx.services, send)
         request.app.ctx.connections += 1
@@ -192,6 +221,7 @@ def _register_routes(app: App) -> None:
                     break
                 await conv.handle_frame(raw)
         finally:
+            by_address.leave(address)
             await conv.close()
             request.app.ctx.connections -= 1
             metrics.CONNECTIONS.dec()
@@ -202,6 +232,17 @@ def _websocket_health(request: Request) -> str:
     """Whether this worker's server speaks the WebSocket upgrade that `/conversation` needs."""
     protocol = request.transport.get_protocol()
     return "healthy" if request.app.websocket_enabled and isinstance(protocol, WebSocketProtocol) else "unavailable"
+
+
+def local_timezone() -> str:
+    """The IANA name of the server's time zone (TZ, else /etc/localtime), else its abbreviation."""
+    configured = os.environ.get("TZ", "").lstrip(":")
+    if configured:
+        return configured
+    localtime = Path("/etc/localtime")
+    if localtime.is_symlink() and "zoneinfo/" in str(localtime.resolve()):
+        return str(localtime.resolve()).split("zoneinfo/", 1)[1]
+    return datetime.now().astimezone().tzname() or "UTC"
 
 
 async def _loop_lag() -> float:

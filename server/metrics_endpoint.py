@@ -3,7 +3,8 @@
 The service metrics (server/metrics.py) live in prometheus_client's multiprocess files, one per
 writer, and `MultiProcessCollector` sums them, so a scrape that lands on one worker still counts
 the work of all. Process and pool figures are read at scrape time (server/process_metrics.py).
-With METRICS_TOKEN set the endpoint needs `Authorization: Bearer <token>` or `?token=<token>`.
+With METRICS_TOKEN set the endpoint needs `Authorization: Bearer <token>` (only the header: a token
+in the URL would land in proxy and access logs). `/metrics/` is not a second route to it.
 """
 
 from __future__ import annotations
@@ -77,13 +78,12 @@ def build_registry(settings: Settings) -> CollectorRegistry:
 
 
 def authorized(request: Request, token: SecretStr | None) -> bool:
-    """True without a configured token, else when the request presents it (header or query)."""
+    """True without a configured token, else when the request presents it as a bearer token."""
     if token is None:
         return True
-    expected = token.get_secret_value().encode()
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    offered = [credentials.strip() if scheme.lower() == "bearer" else "", request.args.get("token") or ""]
-    return any(hmac.compare_digest(candidate.encode(), expected) for candidate in offered if candidate)
+    offered = credentials.strip() if scheme.lower() == "bearer" else ""
+    return bool(offered) and hmac.compare_digest(offered.encode(), token.get_secret_value().encode())
 
 
 def register_metrics_route(app: Sanic[Any, Any]) -> None:
@@ -99,13 +99,13 @@ def register_metrics_route(app: Sanic[Any, Any]) -> None:
         # recordings no longer count.
         _mark_process_dead(os.getpid(), None)
 
-    @app.get("/metrics")
+    @app.get("/metrics", strict_slashes=True)
     @openapi.summary("Prometheus metrics")
     @openapi.description(
         "Prometheus text exposition format (`CONTENT_TYPE_LATEST` of prometheus_client): service "
         "counters and histograms summed over every Sanic worker, CPU and memory of every process of "
         "the service, STT pool figures. When METRICS_TOKEN is set, send `Authorization: Bearer "
-        "<token>` (or `?token=<token>`); without it the answer is 401 with a JSON error."
+        "<token>`; without it the answer is 401 with a JSON error."
     )
     async def metrics(request: Request) -> HTTPResponse:
         if not authorized(request, settings.metrics_token):

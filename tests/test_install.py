@@ -31,6 +31,7 @@ from tests.support.deploy import (
     tree_snapshot,
     zip_model,
 )
+from tests.support.nginx import self_signed_certificate
 
 # What `install.sh` would touch on the real system; none of it may change during a staged run.
 REAL_SYSTEM_PATHS = [
@@ -184,7 +185,9 @@ def test_reinstall_after_uninstall_keeps_the_secrets(staged: Path) -> None:
 
 def test_model_download_with_matching_sha256_is_unpacked(staged: Path, model_archive: Path) -> None:
     with serve_directory(model_archive.parent) as base_url:
-        result = stage(staged, "--model", f"{base_url}/{model_archive.name}", "--sha256", sha256_of(model_archive))
+        result = stage(
+            staged, "--model", f"{base_url}/{model_archive.name}", "--sha256", sha256_of(model_archive), "--allow-http"
+        )
     assert "SHA-256 verified" in result.stdout
     assert "UNVERIFIED" not in result.stderr
     assert_model_installed(staged)
@@ -197,7 +200,8 @@ def test_model_download_with_wrong_sha256_installs_nothing(tmp_path: Path, model
     wrong = hashlib.sha256(b"something else").hexdigest()
     with serve_directory(model_archive.parent) as base_url:
         result = run_install(
-            "--root", str(root), "--no-venv", "--model", f"{base_url}/{model_archive.name}", "--sha256", wrong
+            *("--root", str(root), "--no-venv", "--model", f"{base_url}/{model_archive.name}", "--sha256", wrong),
+            "--allow-http",
         )
     assert result.returncode != 0
     assert "SHA-256 mismatch" in result.stderr
@@ -218,19 +222,76 @@ def test_wrong_sha256_leaves_the_installed_model_untouched(staged: Path, fake_mo
     assert tree_snapshot(staged) == before
 
 
-def test_model_download_without_sha256_is_installed_with_a_loud_warning(staged: Path, model_archive: Path) -> None:
+def test_an_archive_without_sha256_is_refused_unless_explicitly_skipped(tmp_path: Path, model_archive: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
     with serve_directory(model_archive.parent) as base_url:
-        result = stage(staged, "--model", f"{base_url}/{model_archive.name}")
-    assert "THE MODEL ARCHIVE IS UNVERIFIED" in result.stderr
+        url = f"{base_url}/{model_archive.name}"
+        refused = run_install("--root", str(root), "--no-venv", "--model", url, "--allow-http")
+        assert refused.returncode != 0
+        assert "needs --sha256" in refused.stderr
+        assert list(root.iterdir()) == []
+        refused_local = run_install("--root", str(root), "--no-venv", "--model", str(model_archive))
+        assert refused_local.returncode != 0
+        assert "needs --sha256" in refused_local.stderr
+        assert list(root.iterdir()) == []
+        result = stage(root, "--model", url, "--allow-http", "--skip-sha256")
+    assert "THE MODEL ARCHIVE IS UNVERIFIED: --skip-sha256" in result.stderr
     assert sha256_of(model_archive) in result.stderr
+    assert_model_installed(root)
+
+
+def test_a_plain_http_url_is_refused_without_allow_http(tmp_path: Path, model_archive: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    with serve_directory(model_archive.parent) as base_url:
+        result = run_install(
+            *("--root", str(root), "--no-venv", "--model", f"{base_url}/{model_archive.name}"),
+            *("--sha256", sha256_of(model_archive)),
+        )
+    assert result.returncode != 0
+    assert "plain http" in result.stderr
+    assert list(root.iterdir()) == []
+
+
+def test_an_https_download_is_verified_and_installed(staged: Path, model_archive: Path, tmp_path: Path) -> None:
+    certificate = self_signed_certificate(tmp_path)
+    with serve_directory(model_archive.parent, certificate=certificate) as base_url:
+        assert base_url.startswith("https://")
+        result = stage(
+            staged,
+            *("--model", f"{base_url}/{model_archive.name}", "--sha256", sha256_of(model_archive)),
+            env={"CURL_CA_BUNDLE": str(certificate[0])},
+        )
+    assert "SHA-256 verified" in result.stdout
     assert_model_installed(staged)
+
+
+def test_an_https_url_redirecting_to_http_is_not_followed(tmp_path: Path, model_archive: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    certificate = self_signed_certificate(tmp_path)
+    with (
+        serve_directory(model_archive.parent) as plain_url,
+        serve_directory(model_archive.parent, certificate=certificate, redirect_to=plain_url) as base_url,
+    ):
+        result = run_install(
+            *("--root", str(root), "--no-venv", "--model", f"{base_url}/{model_archive.name}"),
+            *("--sha256", sha256_of(model_archive)),
+            env={"CURL_CA_BUNDLE": str(certificate[0])},
+        )
+    assert result.returncode != 0
+    assert "download failed" in result.stderr
+    assert list(root.iterdir()) == []
 
 
 def test_failed_download_installs_nothing(tmp_path: Path, model_archive: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
     with serve_directory(model_archive.parent) as base_url:
-        result = run_install("--root", str(root), "--no-venv", "--model", f"{base_url}/missing.zip")
+        result = run_install(
+            "--root", str(root), "--no-venv", "--model", f"{base_url}/missing.zip", "--skip-sha256", "--allow-http"
+        )
     assert result.returncode != 0
     assert "download failed" in result.stderr
     assert list(root.iterdir()) == []
@@ -275,7 +336,7 @@ def test_archive_without_a_model_layout_is_refused(tmp_path: Path) -> None:
     archive = tmp_path / "not-a-model.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("something/readme.txt", "hello")
-    result = run_install("--root", str(root), "--no-venv", "--model", str(archive))
+    result = run_install("--root", str(root), "--no-venv", "--model", str(archive), "--skip-sha256")
     assert result.returncode != 0
     assert "not a Vosk model" in result.stderr
     assert list(root.iterdir()) == []
@@ -288,7 +349,7 @@ def test_archive_with_path_traversal_is_refused(tmp_path: Path) -> None:
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("../../../../escaped.txt", "outside")
         zf.writestr("model/am/final.mdl", "x")
-    result = run_install("--root", str(root), "--no-venv", "--model", str(archive))
+    result = run_install("--root", str(root), "--no-venv", "--model", str(archive), "--skip-sha256")
     assert result.returncode != 0
     assert "unsafe path" in result.stderr
     assert list(root.iterdir()) == []
@@ -360,6 +421,8 @@ def test_help_lists_every_option() -> None:
         "--logs",
         "--model",
         "--sha256",
+        "--skip-sha256",
+        "--allow-http",
         "--no-start",
         "--no-venv",
         "--root",
@@ -380,6 +443,9 @@ def test_help_lists_every_option() -> None:
         (["--model", "cn", "--sha256", "abc"], "64 hexadecimal"),
         (["--sha256", "0" * 64], "only makes sense with --model"),
         (["--purge"], "only makes sense with --uninstall"),
+        (["--skip-sha256"], "only make sense with --model"),
+        (["--model", "cn", "--sha256", "0" * 64, "--skip-sha256"], "contradict"),
+        (["--model", "http://example.invalid/model.zip", "--sha256", "0" * 64], "plain http"),
         (["--model", "/no/such/model"], "no such file"),
     ],
 )

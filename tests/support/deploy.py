@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import os
+import ssl
 import stat
 import subprocess
 import tarfile
@@ -106,19 +107,41 @@ def tar_model(model_dir: Path, archive: Path, top: str = "vosk-model-test-0.1") 
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    redirect_base: str | None = None
+
     def log_message(self, format: str, *args: object) -> None:
         pass
 
+    def do_GET(self) -> None:
+        if self.redirect_base is None:
+            super().do_GET()
+            return
+        self.send_response(302)
+        self.send_header("Location", self.redirect_base + self.path)
+        self.end_headers()
+
 
 @contextmanager
-def serve_directory(directory: Path) -> Iterator[str]:
-    """Serve `directory` over HTTP on 127.0.0.1 from a thread; yields the base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
+def serve_directory(
+    directory: Path, certificate: tuple[Path, Path] | None = None, redirect_to: str | None = None
+) -> Iterator[str]:
+    """Serve `directory` on 127.0.0.1 from a thread; yields the base URL.
+
+    With `certificate` (cert, key) over https; with `redirect_to` every GET is a 302 to that base URL.
+    """
+    handler_class = type("Handler", (_QuietHandler,), {"redirect_base": redirect_to})
+    handler = functools.partial(handler_class, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    scheme = "http"
+    if certificate is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*certificate)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"{scheme}://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
