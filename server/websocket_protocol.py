@@ -25,6 +25,8 @@ MAX_CHUNKS_IN_FLIGHT = 2
 
 
 class BackPressureWebSocketProtocol(WebSocketProtocol):
+    __slots__ = ("_in_flight", "_paused_here")
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_flight: set[asyncio.Task[None]] = set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import socket
 import subprocess
@@ -14,9 +15,12 @@ from pathlib import Path
 import orjson
 import pytest
 
+from config import ConfigError, load_settings
+from config.logs import TextFormatter
 from harness.client import ProtocolClient, details_of
 from harness.server import ROOT, ServerProcess, free_port, http_get
 from tests.conftest import speech
+from tests.support.deploy import make_fake_model
 
 
 def run_server_expecting_exit(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -52,6 +56,14 @@ def run_server_expecting_exit(tmp_path: Path, **env: str) -> subprocess.Complete
         ("OPENROUTER_TEMPERATURE", "5"),
         ("STT_WORKERS", "-1"),
         ("MAX_RECORDING_SECONDS", "0"),
+        ("USE_REAL_VOSK", "maybe"),
+        ("ALLOWED_ORIGINS", '["https://app.example.com"'),
+        ("ALLOWED_ORIGINS", "app.example.com"),
+        ("MAX_WORKERS", "0"),
+        ("LOG_MAX_SIZE", "100XB"),
+        ("LOG_BACKUP_COUNT", "-1"),
+        ("MAX_CONNECTIONS_PER_IP", "0"),
+        ("WEBSOCKET_SEND_TIMEOUT", "0"),
     ],
 )
 def test_an_invalid_setting_stops_start_up_with_one_line_naming_it(tmp_path: Path, variable: str, value: str) -> None:
@@ -188,3 +200,103 @@ async def test_audio_settings_give_the_format_of_chunks_that_do_not_declare_it()
             await client.expect_status("processing_stt", session_id)
             recorded = await client.expect("message_recorded", session_id=session_id)
             assert "1.0 秒" in recorded["content"], "one second of 8 kHz stereo, not 0.5 s of 16 kHz mono"
+
+
+def test_max_workers_and_workers_that_disagree_stop_start_up_naming_both(tmp_path: Path) -> None:
+    result = run_server_expecting_exit(tmp_path, WORKERS="2", MAX_WORKERS="3")
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert "MAX_WORKERS" in result.stderr and "WORKERS (2)" in result.stderr
+
+
+def test_max_workers_sets_the_number_of_sanic_workers() -> None:
+    with ServerProcess(MAX_WORKERS=2) as server:
+        deadline = time.monotonic() + 30
+        while len({line for line in server.logs().splitlines() if "Worker ready [" in line}) < 2:
+            assert time.monotonic() < deadline, server.logs()
+            time.sleep(0.1)
+        ready = [record["pid"] for record in server.log_records() if record["msg"].startswith("Worker ready")]
+        assert len(set(ready)) == 2
+
+
+def test_use_real_vosk_false_runs_the_mock_transcriber_even_with_a_model(tmp_path: Path) -> None:
+    model = make_fake_model(tmp_path / "model")
+    refused = run_server_expecting_exit(tmp_path, VOSK_MODEL_PATH=str(model), USE_REAL_VOSK="true")
+    assert refused.returncode != 0, "the fake model is really looked at when USE_REAL_VOSK is true"
+    with ServerProcess(VOSK_MODEL_PATH=model, USE_REAL_VOSK="false", wait_for_stt=False) as server:
+        assert server.health()["engines"]["stt"]["mode"] == "mock"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('["*"]', ("*",)),
+        ('["https://app.example.com", "http://localhost:3000/"]', ("https://app.example.com", "http://localhost:3000")),
+        ("https://app.example.com, http://LOCALHOST:3000", ("https://app.example.com", "http://localhost:3000")),
+    ],
+)
+def test_allowed_origins_take_the_seed_era_forms(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("ALLOWED_ORIGINS", value)
+    assert load_settings(os.devnull).allowed_origins == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("100MB", 100 * 1024**2), ("512kb", 512 * 1024), ("1G", 1024**3), ("4096", 4096)]
+)
+def test_log_max_size_takes_units(monkeypatch: pytest.MonkeyPatch, value: str, expected: int) -> None:
+    monkeypatch.setenv("LOG_MAX_SIZE", value)
+    assert load_settings(os.devnull).log_max_size == expected
+
+
+def test_an_invalid_log_max_size_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOG_MAX_SIZE", "lots")
+    with pytest.raises(ConfigError, match="LOG_MAX_SIZE"):
+        load_settings(os.devnull)
+
+
+async def test_log_max_size_and_backup_count_rotate_the_log_file(tmp_path: Path) -> None:
+    log_file = tmp_path / "logs" / "server.log"
+    with ServerProcess(LOG_FILE=log_file, LOG_MAX_SIZE="2KB", LOG_BACKUP_COUNT=2) as server:
+        for _ in range(20):
+            async with ProtocolClient(server.ws_url) as client:
+                await client.start_session()
+        deadline = time.monotonic() + 10
+        while not (log_file.parent / "server.log.2").exists():
+            assert time.monotonic() < deadline, sorted(log_file.parent.iterdir())
+            await asyncio.sleep(0.1)
+    files = sorted(path.name for path in log_file.parent.iterdir())
+    assert files == ["server.log", "server.log.1", "server.log.2"], "two backups, no more"
+    longest_line = max(len(line) for line in (log_file.parent / "server.log.1").read_bytes().splitlines(keepends=True))
+    assert (log_file.parent / "server.log.1").stat().st_size <= 2048 + longest_line
+
+
+async def test_text_logs_escape_control_characters_so_no_client_string_forges_a_line() -> None:
+    forged = "2026-01-01 00:00:00,000 ERROR server.app [1] forged"
+    with ServerProcess(LOG_FORMAT="text") as server:
+        async with ProtocolClient(server.ws_url) as client:
+            await client.send("manual_generate", session_id=f"abc\n{forged}\x1b[2J")
+            await client.expect("error")
+        deadline = time.monotonic() + 10
+        while "client error" not in server.logs():
+            assert time.monotonic() < deadline, server.logs()
+            await asyncio.sleep(0.05)
+        lines = server.logs().splitlines()
+    assert not any(line.startswith(forged) for line in lines), lines
+    logged = next(line for line in lines if "client error" in line)
+    assert f"abc\\n{forged}\\x1b[2J" in logged
+
+
+def test_the_text_formatter_keeps_one_record_on_one_line_and_indents_tracebacks() -> None:
+    formatter = TextFormatter()
+    record = logging.LogRecord("server.test", logging.INFO, __file__, 1, "hello %s", ("a\r\nb\u2028c",), None)
+    record.session_id = "s\n1"
+    assert formatter.format(record).endswith("hello a\\r\\nb\\u2028c session_id=s\\n1")
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError:
+        failed = logging.LogRecord("server.test", logging.ERROR, __file__, 1, "boom", (), sys.exc_info())
+    first, *rest = formatter.format(failed).splitlines()
+    assert first.endswith("boom")
+    assert rest and all(line.startswith("    ") for line in rest)

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from harness.server import ServerProcess, http_get
+from tests.conftest import running_server
 
 SERVICE_PARTS = {"session_manager", "stt_service", "llm_service", "request_manager", "websocket_handler"}
 PART_STATES = {"healthy", "degraded", "unavailable"}
@@ -23,7 +24,7 @@ def get_json(server: ServerProcess, path: str) -> dict[str, Any]:
 
 def test_liveness_has_exactly_the_documented_fields(server: ServerProcess) -> None:
     body = get_json(server, "/")
-    assert set(body) == {"status", "timestamp", "service", "version", "description"}
+    assert set(body) == {"status", "timestamp", "service", "version", "description", "timezone"}
     assert body["status"] == "healthy"
     assert body["service"] == "AI对话应用后端总服务"
     assert body["version"] == "1.0.0"
@@ -77,3 +78,12 @@ def test_api_docs_are_served_with_an_openapi_document_of_both_endpoints(server: 
 def test_an_unknown_path_is_not_found(server: ServerProcess) -> None:
     status, _ = http_get(server.base_url + "/no/such/endpoint")
     assert status == 404
+
+
+def test_both_health_responses_name_the_server_time_zone(server: ServerProcess) -> None:
+    for path in ("/", "/conversation/health"):
+        timezone = get_json(server, path)["timezone"]
+        assert isinstance(timezone, str) and timezone, path
+    with running_server(TZ="Asia/Shanghai") as shanghai:
+        assert get_json(shanghai, "/")["timezone"] == "Asia/Shanghai"
+        assert get_json(shanghai, "/conversation/health")["timezone"] == "Asia/Shanghai"
