@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # espeak-ng/sox: speech fixtures; shellcheck, systemd (systemd-analyze), nginx, openssl: checks of install.sh and
-# service/; prometheus: promtool, which checks the /metrics exposition.
-SYSTEM_PACKAGES := espeak-ng sox shellcheck systemd nginx-light openssl prometheus
+# service/; prometheus: promtool, which checks the /metrics exposition; curl: install.sh's downloads; acl (setfacl),
+# util-linux (setpriv), passwd (useradd): the unit's start as its own user (tests/test_systemd_start.py).
+SYSTEM_PACKAGES := espeak-ng sox shellcheck systemd nginx-light openssl prometheus curl acl util-linux passwd
 
 .PHONY: run test venv venv-dev system-deps lint typecheck pytest bench docs clean
 

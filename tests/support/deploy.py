@@ -42,6 +42,16 @@ FAKE_MODEL_FILES = {
 }
 
 
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """Key -> every value it is given in the unit (systemd allows repeated keys)."""
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
 def run_install(
     *args: str, env: dict[str, str] | None = None, script: Path = INSTALL_SH
 ) -> subprocess.CompletedProcess[str]:
