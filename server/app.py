@@ -13,7 +13,7 @@ import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from sanic import Request, Sanic, Websocket
@@ -53,6 +53,8 @@ def create_app(settings: Settings | None = None) -> App:
             "WEBSOCKET_MAX_SIZE": settings.max_message_bytes,
             "WEBSOCKET_PING_INTERVAL": 20,
             "WEBSOCKET_PING_TIMEOUT": 20,
+            # Read by server/websocket_protocol.py: how long a client may leave our writes blocked.
+            "WEBSOCKET_SEND_TIMEOUT": settings.websocket_send_timeout,
             "KEEP_ALIVE_TIMEOUT": 75,
             "OAS_UI_DEFAULT": "swagger",
             "OAS_URI_TO_UI": "/docs",
@@ -199,14 +201,8 @@ def _register_routes(app: App) -> None:
             return
 
         async def send(event: dict[str, Any]) -> None:
-            try:
-                await asyncio.wait_for(ws.send(encode(event)), settings.websocket_send_timeout)
-            except TimeoutError:
-                # The client stopped reading: its TCP window is full and would stay so. Closing
-                # releases its recordings (and unblocks the keep-alive ping, which waits too).
-                log.warning("client not reading, closing", extra={"connection_id": conv.connection_id})
-                cast(asyncio.Transport, request.transport).abort()
-                raise
+            # A client that stops reading is aborted by the protocol after WEBSOCKET_SEND_TIMEOUT.
+            await ws.send(encode(event))
 
         conv = Conversation(request.app.ctx.services, send)
         request.app.ctx.connections += 1

@@ -1,12 +1,18 @@
-"""Sanic's WebSocket protocol with read back-pressure and a clean close for undecodable text.
+"""Sanic's WebSocket protocol with back-pressure, a stall limit and a clean close for undecodable text.
 
-Sanic hands every chunk read from a WebSocket to a new task and keeps reading, whether or not
-the earlier chunks have been handled. A client that sends faster than its connection handles
-frames (or sends pings while not reading our pongs) therefore made the worker buffer without
-bound: 1.4 GB in 15 s in one test. Here reading pauses while a few chunks are still in flight,
-so the client's own TCP window absorbs the excess. A text frame that is not UTF-8 failed such a
-task with a traceback and left the connection hanging; it now closes the connection with 1007,
-as RFC 6455 asks.
+Sanic hands every chunk read from a WebSocket to a new task and keeps reading, whether or not the
+earlier chunks have been handled. A client that sends faster than its connection handles frames
+(or sends pings while not reading our pongs) therefore made the worker buffer without bound: 1.4 GB
+in 15 s in one test. Here reading pauses while a few chunks are still in flight, so the client's
+own TCP window absorbs the excess. (Sanic's own pause, taken while a whole message waits to be
+fetched, is switched off: every fetch lifted it, even with thousands of chunks still waiting.)
+
+A client that stops reading fills our write buffer; every send then waits, Sanic's keep-alive ping
+included, so it escaped every timeout and kept its recordings. When writing has been blocked for
+WEBSOCKET_SEND_TIMEOUT seconds the connection is aborted, which ends its handler like any drop.
+
+A text frame that is not UTF-8 failed such a task with a traceback and left the connection
+hanging; it now closes the connection with 1007, as RFC 6455 asks.
 """
 
 from __future__ import annotations
@@ -25,12 +31,18 @@ MAX_CHUNKS_IN_FLIGHT = 2
 
 
 class BackPressureWebSocketProtocol(WebSocketProtocol):
-    __slots__ = ("_in_flight", "_paused_here")
+    __slots__ = ("_in_flight", "_paused_here", "_stall_timer")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._paused_here = False
+        self._stall_timer: asyncio.TimerHandle | None = None
+
+    async def websocket_handshake(self, request: Any, subprotocols: Any = None) -> Any:
+        websocket = await super().websocket_handshake(request, subprotocols)
+        websocket.can_pause = False  # reading is paused here, for every reason at once
+        return websocket
 
     def data_received(self, data: bytes) -> None:
         websocket: Any = self.websocket
@@ -62,9 +74,25 @@ class BackPressureWebSocketProtocol(WebSocketProtocol):
             self._fail(1011, "internal error")
         if self._paused_here and len(self._in_flight) < MAX_CHUNKS_IN_FLIGHT:
             self._paused_here = False
-            # Sanic pauses reading itself while a message waits to be fetched; respect that.
-            if self.websocket is not None and self.websocket.pause_frame_fut is None:
-                self.transport.resume_reading()
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[no-untyped-call]
+        if self.websocket is not None and self._stall_timer is None:
+            timeout = float(self.app.config.WEBSOCKET_SEND_TIMEOUT)
+            self._stall_timer = self.loop.call_later(timeout, self._abort_stalled, timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[no-untyped-call]
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _abort_stalled(self, timeout: float) -> None:
+        self._stall_timer = None
+        log.warning("client has not read for %.0f s, closing", timeout, extra={"peer": self.websocket_peer})
+        if self.transport is not None:
+            self.transport.abort()
 
     def _fail(self, code: int, reason: str) -> None:
         if self.websocket is not None:
