@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import re
 import shutil
@@ -10,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,17 @@ import websockets
 
 from harness.client import ProtocolClient
 from harness.server import ServerProcess, http_get
-from tests.support.deploy import INSTALL_DIR, ROOT, UNIT_NAME, UNIT_PATH, UNIT_SOURCE, stage, unit_settings
+from tests.conftest import running_server
+from tests.support.deploy import (
+    INSTALL_DIR,
+    NGINX_SITE,
+    ROOT,
+    UNIT_NAME,
+    UNIT_PATH,
+    UNIT_SOURCE,
+    stage,
+    unit_settings,
+)
 from tests.support.nginx import Nginx, plain_site, self_signed_certificate, tls_site
 
 MAX_EXPOSURE = 2.0
@@ -37,6 +49,11 @@ def verifiable_root(tmp_path: Path, *install_args: str, install_dir: str = INSTA
     python.parent.mkdir(parents=True)
     python.write_text("#!/bin/sh\n")
     python.chmod(0o755)
+    # Other commands of the unit (ExecReload's kill) come with the distribution: take this host's.
+    for command in unit_settings(UNIT_SOURCE.read_text()).get("ExecReload", []):
+        program = Path(command.split()[0])
+        (root / program.relative_to("/")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(program, root / program.relative_to("/"))
     return root
 
 
@@ -172,6 +189,75 @@ async def test_wss_through_the_tls_variant(tmp_path: Path, mock_server: ServerPr
             await ws.send(orjson.dumps({"type": "conversation_start", "data": {"response_count": 2}}).decode())
             event = orjson.loads(await ws.recv())
             assert event["type"] == "session_created"
+
+
+def test_unit_reload_sends_sighup_to_the_main_process() -> None:
+    assert unit_settings(UNIT_SOURCE.read_text())["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
+def test_unit_documentation_and_nginx_header_point_at_installed_readme_sections(tmp_path: Path) -> None:
+    unit = UNIT_SOURCE.read_text()
+    (documentation,) = unit_settings(unit)["Documentation"]
+    assert documentation.startswith("file:///opt/ai-dialogue-backend/")
+    installed = documentation.removeprefix("file://")
+    root = tmp_path / "root"
+    stage(root)
+    assert (root / installed.lstrip("/")).is_file(), f"{installed} is part of the installed code"
+    headings = {
+        line.lstrip("#").strip() for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("#")
+    }
+    for text in (unit, NGINX_SITE.read_text()):
+        cited = re.findall(r'README\.md, sections? ("[^"]+"(?: and "[^"]+")?)', text)
+        assert cited, "the file names the README section it means"
+        for section in re.findall(r'"([^"]+)"', cited[0]):
+            assert section in headings, section
+
+
+async def test_nginx_site_keeps_both_forms_of_metrics_local(tmp_path: Path, mock_server: ServerProcess) -> None:
+    shipped = plain_site()
+    # From 127.0.0.1 the shipped site lets /metrics through; without its allow lines every form must be denied.
+    remote_view = re.sub(r"\n\s*allow [^;]+;", "", shipped)
+    assert remote_view != shipped
+    with Nginx(tmp_path / "remote", remote_view, backend_port=mock_server.port) as nginx:
+        base = f"http://127.0.0.1:{nginx.http_port}"
+        for path in ("/metrics", "/metrics/", "/metrics?x=1", "/metrics/?token=x"):
+            assert http_get(base + path)[0] == 403, path
+        assert http_get(base + "/conversation/health")[0] == 200
+    with Nginx(tmp_path / "local", shipped, backend_port=mock_server.port) as nginx:
+        base = f"http://127.0.0.1:{nginx.http_port}"
+        assert http_get(base + "/metrics")[0] == 200
+        assert http_get(base + "/metrics/")[0] == 404, "the backend has one metrics route"
+
+
+async def test_nginx_site_limits_connections_and_requests_per_address(tmp_path: Path) -> None:
+    match = re.search(r"limit_conn ai_dialogue_connections (\d+);", plain_site())
+    assert match, "the site limits connections per address"
+    limit = int(match.group(1))
+    with (
+        running_server(MAX_CONNECTIONS_PER_IP=limit * 4) as backend,
+        Nginx(tmp_path, plain_site(), backend_port=backend.port) as nginx,
+    ):
+        url = f"ws://127.0.0.1:{nginx.http_port}/conversation"
+        held = []
+        try:
+            for _ in range(limit):
+                held.append(await websockets.connect(url))
+                await asyncio.sleep(0.15)  # under the request rate: only the connection limit may refuse
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await websockets.connect(url)
+            assert refused.value.response.status_code == 429
+            assert "limiting connections by zone" in (tmp_path / "error.log").read_text()
+        finally:
+            for connection in held:
+                await connection.close()
+
+        def get_health(_: int) -> int:
+            return http_get(f"http://127.0.0.1:{nginx.http_port}/conversation/health")[0]
+
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(get_health, range(200)))
+        assert 429 in statuses and 200 in statuses
+        assert "limiting requests" in (tmp_path / "error.log").read_text()
 
 
 def test_native_libraries_work_under_memory_deny_write_execute() -> None:

@@ -63,7 +63,7 @@ class Nginx:
             f"""pid {prefix}/nginx.pid;
 error_log {prefix}/error.log info;
 worker_processes 1;
-events {{ worker_connections 64; }}
+events {{ worker_connections 512; }}
 http {{
     access_log {prefix}/access.log;
     client_body_temp_path {temp}/body;
