@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
 import threading
 import time
@@ -82,6 +83,9 @@ def _monitor(self: Any) -> None:
 
 def _sync_states(self: Any) -> None:
     _sanic_sync_states(self)
+    # Sanic stops a restarted worker's old process but never waits for it: reap it, or every
+    # reload would leave one zombie per worker.
+    multiprocessing.active_children()
     if _stopping(self):
         return
     for process in list(self.transient_processes):
