@@ -16,10 +16,10 @@ import websockets
 from websockets.frames import Opcode
 
 from config import Settings
+from harness.client import ProtocolClient
+from harness.server import ServerProcess, http_get
 from tests.conftest import running_server, speech
-from tests.support.client import ProtocolClient
 from tests.support.raw_websocket import RawWebSocket
-from tests.support.server import ServerProcess, http_get
 
 CONNECTIONS_PER_IP = 3
 SEND_TIMEOUT = 2

@@ -13,10 +13,10 @@ import psutil
 import pytest
 import websockets
 
+from harness.client import ProtocolClient
+from harness.server import ServerProcess, http_get
 from server.worker_manager import MAX_REPLACEMENTS
 from tests.conftest import running_server
-from tests.support.client import ProtocolClient
-from tests.support.server import ServerProcess, http_get
 
 
 def worker_pids(server: ServerProcess, event: str = "Worker ready") -> list[int]:
