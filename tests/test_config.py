@@ -272,20 +272,23 @@ async def test_log_max_size_and_backup_count_rotate_the_log_file(tmp_path: Path)
     assert (log_file.parent / "server.log.1").stat().st_size <= 2048 + longest_line
 
 
-async def test_text_logs_escape_control_characters_so_no_client_string_forges_a_line() -> None:
-    forged = "2026-01-01 00:00:00,000 ERROR server.app [1] forged"
-    with ServerProcess(LOG_FORMAT="text") as server:
-        async with ProtocolClient(server.ws_url) as client:
-            await client.send("manual_generate", session_id=f"abc\n{forged}\x1b[2J")
-            await client.expect("error")
+def test_text_logs_escape_control_characters_a_client_sent() -> None:
+    """A refused Origin is logged as the browser sent it: terminal escapes in it are shown, not obeyed."""
+    with ServerProcess(LOG_FORMAT="text", ALLOWED_ORIGINS="https://app.example.com") as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(
+                b"GET /conversation HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                b"Origin: https://evil\x1b[2J\x1b[1;1H\x07.example\r\n\r\n"
+            )
+            assert sock.recv(100).startswith(b"HTTP/1.1 403")
         deadline = time.monotonic() + 10
-        while "client error" not in server.logs():
+        while "origin not allowed" not in server.logs():
             assert time.monotonic() < deadline, server.logs()
-            await asyncio.sleep(0.05)
-        lines = server.logs().splitlines()
-    assert not any(line.startswith(forged) for line in lines), lines
-    logged = next(line for line in lines if "client error" in line)
-    assert f"abc\\n{forged}\\x1b[2J" in logged
+            time.sleep(0.05)
+        logged = next(line for line in server.logs().splitlines() if "origin not allowed" in line)
+    assert "origin=https://evil\\x1b[2J\\x1b[1;1H\\x07.example" in logged
+    assert "\x1b" not in logged and "\x07" not in logged
 
 
 def test_the_text_formatter_keeps_one_record_on_one_line_and_indents_tracebacks() -> None:
