@@ -374,7 +374,8 @@ async def test_a_decoder_far_behind_real_time_takes_no_new_recording(model_dir, 
             ProtocolClient(server.ws_url) as third,
         ):
             ids = [await client.start_session() for client in (first, second, third)]
-            await stream_message(first, ids[0], pcm, len(pcm))  # 19 s at once: far ahead of the decoder
+            # 19 s in 8 s frames (a frame holds at most MAX_MESSAGE_BYTES): far ahead of the decoder.
+            await stream_message(first, ids[0], pcm, 256_000)
             await asyncio.sleep(0.2)
             await stream_message(second, ids[1], pcm, len(pcm))
             await asyncio.sleep(0.2)
