@@ -23,9 +23,15 @@ def prepare_runtime_dir(settings: Settings) -> None:
     in root-owned /run, where the service user can empty it but not remove or recreate it.
     """
     runtime = settings.pool_dir
+    # Emptying is only safe for a directory of our own: a RUNTIME_DIR set to /tmp or a home
+    # directory by mistake must stop the start, not lose its files.
+    if runtime.is_dir() and (runtime.stat().st_mode & 0o077 or runtime.stat().st_uid != os.geteuid()):
+        raise ConfigError(
+            f"invalid setting RUNTIME_DIR ({runtime}): it is emptied at every start, so an existing "
+            "directory must be the service's own and private (mode 0700)"
+        )
     # Private: the decoder sockets and the PCM of open recordings live here.
     runtime.mkdir(parents=True, mode=0o700, exist_ok=True)
-    runtime.chmod(0o700)
     empty_directory(runtime)
     (runtime / "metrics").mkdir(mode=0o700)
     # prometheus_client reads this when first imported, in this process and in every worker.
@@ -59,10 +65,10 @@ def main() -> int:
 
             check_model_dir(settings.vosk_model_path)
         check_port_free(settings.host, settings.port)
+        prepare_runtime_dir(settings)
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
-    prepare_runtime_dir(settings)
     try:
         return serve(settings)
     finally:

@@ -303,3 +303,17 @@ def test_the_text_formatter_keeps_one_record_on_one_line_and_indents_tracebacks(
     first, *rest = formatter.format(failed).splitlines()
     assert first.endswith("boom")
     assert rest and all(line.startswith("    ") for line in rest)
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o1777])
+def test_a_runtime_dir_that_is_not_private_is_refused_and_not_emptied(tmp_path: Path, mode: int) -> None:
+    """RUNTIME_DIR is emptied at every start: set to /tmp or a home directory by mistake, it must not be."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    (shared / "someone-elses-file").write_text("keep me")
+    result = run_server_expecting_exit(tmp_path, RUNTIME_DIR=str(shared))
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert "RUNTIME_DIR" in result.stderr
+    assert (shared / "someone-elses-file").read_text() == "keep me"
