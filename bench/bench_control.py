@@ -44,7 +44,7 @@ def report(label: str, times: list[float]) -> None:
 
 async def run() -> None:
     print(f"control-plane round trip (user_selected_response -> message_recorded), {ROUND_TRIPS} trips")
-    with ServerProcess(MAX_SESSIONS_PER_CONNECTION=4) as service:
+    with ServerProcess(MAX_SESSIONS_PER_CONNECTION=4, MAX_CONNECTIONS_PER_IP=IDLE_CONNECTIONS + 1) as service:
         quiet = await round_trips(service)
         async with AsyncExitStack() as stack:
             for _ in range(IDLE_CONNECTIONS):

@@ -98,7 +98,8 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(512 * 1024, ge=1024, le=64 * 1024 * 1024)
     # A client that has not read what it was sent for this long is closed (its recordings released).
     websocket_send_timeout: float = Field(20.0, gt=0, le=600)
-    max_connections_per_ip: int = Field(32, ge=1, le=100_000)
+    # High enough for many phones behind one carrier NAT; far below what exhausts a worker.
+    max_connections_per_ip: int = Field(100, ge=1, le=100_000)
     # Origin allow-list for the WebSocket: ["*"], a JSON list or a comma-separated list.
     allowed_origins: Annotated[tuple[str, ...], NoDecode] = ("*",)
     max_sessions_per_connection: int = Field(16, ge=1, le=1000)
