@@ -377,7 +377,7 @@ async def test_a_decoder_far_behind_real_time_takes_no_new_recording(model_dir, 
             # 19 s in 8 s frames (a frame holds at most MAX_MESSAGE_BYTES): far ahead of the decoder.
             await stream_message(first, ids[0], pcm, 256_000)
             await asyncio.sleep(0.2)
-            await stream_message(second, ids[1], pcm, len(pcm))
+            await stream_message(second, ids[1], pcm, 256_000)
             await asyncio.sleep(0.2)
             await third.send("message_start", session_id=ids[2], sender="other")
             await third.expect_error("STT_OVERLOADED")
