@@ -1,7 +1,8 @@
 """`python -m server`: validate the settings, prepare the runtime directory, run Sanic.
 
 An invalid setting stops here with one line naming the variable (exit code 2); a Vosk model that
-exists but cannot be loaded stops the service with one line too (exit code 3).
+exists but cannot be loaded stops the service with one line too (exit code 3); a Sanic worker that
+keeps dying stops it with exit code 1 (server/worker_manager.py), for systemd to restart.
 """
 
 from __future__ import annotations
