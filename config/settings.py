@@ -32,6 +32,12 @@ class ConfigError(Exception):
     """Raised with a one-line, human-readable explanation of the first invalid setting."""
 
 
+def _default_state_dir() -> Path:
+    # systemd's StateDirectory= exports STATE_DIRECTORY (colon-separated when it names several).
+    systemd = os.environ.get("STATE_DIRECTORY", "")
+    return Path(systemd.split(":")[0]) if systemd else PROJECT_ROOT / "state"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file_encoding="utf-8",
@@ -118,6 +124,14 @@ class Settings(BaseSettings):
     runtime_dir: Path | None = None
     metrics_token: SecretStr | None = None
 
+    # Session store: SQLite in STATE_DIR unless SESSION_STORE_URL names a Redis server. Sessions stay
+    # resumable for SESSION_RESUME_WINDOW seconds after their last activity, then they are purged.
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    session_store_url: SecretStr | None = None
+    session_resume_window: float = Field(86400.0, gt=0, le=30 * 86400)
+    # SQLite only: fsync every commit (survives power loss, costs milliseconds per write).
+    session_store_fsync: bool = False
+
     # Logging.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
@@ -203,6 +217,15 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator("session_store_url", mode="before")
+    @classmethod
+    def _redis_url(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, str) and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
     @model_validator(mode="after")
     def _default_runtime_dir(self) -> Settings:
         if self.runtime_dir is None:
@@ -243,7 +266,7 @@ def _describe(error: ValidationError) -> str:
         return f"invalid setting {first['msg'].removeprefix('Value error, ')}"
     name = str(first["loc"][0]).upper() if first["loc"] else "CONFIGURATION"
     value = first.get("input")
-    shown = "" if name in {"OPENROUTER_API_KEY", "METRICS_TOKEN"} else f" (got {value!r})"
+    shown = "" if name in {"OPENROUTER_API_KEY", "METRICS_TOKEN", "SESSION_STORE_URL"} else f" (got {value!r})"
     return f"invalid setting {name}{shown}: {first['msg'].removeprefix('Value error, ')}"
 
 
