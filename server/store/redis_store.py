@@ -216,7 +216,6 @@ class RedisSessionStore(SessionStore):
                 "delete": DELETE,
             }.items()
         }
-        self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -224,8 +223,6 @@ class RedisSessionStore(SessionStore):
     async def start(self) -> None:
         try:
             await self._redis.ping()
-            self._pubsub = self._redis.pubsub()
-            await self._pubsub.subscribe(self.channel)
         except RedisError as error:
             raise self._unavailable(error) from None
         self._listener = asyncio.create_task(self._listen(), name="session-store-signals")
@@ -236,10 +233,6 @@ class RedisSessionStore(SessionStore):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None
-        if self._pubsub is not None:
-            with contextlib.suppress(RedisError):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-            self._pubsub = None
         await self._redis.aclose()
 
     def _unavailable(self, error: RedisError) -> StoreUnavailable:
@@ -399,19 +392,28 @@ class RedisSessionStore(SessionStore):
     # -- signals ----------------------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        assert self._pubsub is not None
+        # A fresh subscription after any failure: a broken PubSub connection can keep looking connected.
         while True:
+            pubsub = self._redis.pubsub()
             try:
-                message = await self._pubsub.get_message(timeout=None)
-                if message is None:
-                    continue
-                if message["type"] == "subscribe":
-                    await self._check_held()
-                elif message["type"] == "message":
-                    self._signalled(message["data"])
+                await pubsub.subscribe(self.channel)
+                await self._dispatch(pubsub)
             except RedisError as error:
                 log.warning("session store signals interrupted", extra={"error": str(self._unavailable(error))})
-                await asyncio.sleep(LISTEN_RETRY_SECONDS)
+            finally:
+                with contextlib.suppress(RedisError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
+
+    async def _dispatch(self, pubsub: PubSub) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            if message["type"] == "subscribe":
+                await self._check_held()
+            elif message["type"] == "message":
+                self._signalled(message["data"])
 
     def _signalled(self, data: str) -> None:
         kind, epoch_text, session_id = data.split(" ", 2)
