@@ -229,9 +229,11 @@ class RedisSessionStore(SessionStore):
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            # redis-py can swallow a cancellation that lands while it connects (redis/redis-py#2028):
+            # cancel again until the listener is really gone.
+            while not self._listener.done():
+                self._listener.cancel()
+                await asyncio.wait([self._listener], timeout=0.1)
             self._listener = None
         await self._redis.aclose()
 
