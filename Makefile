@@ -9,8 +9,9 @@ PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # espeak-ng/sox: speech fixtures; shellcheck, systemd (systemd-analyze), nginx, openssl: checks of install.sh and
 # service/; prometheus: promtool, which checks the /metrics exposition; curl: install.sh's downloads; acl (setfacl),
-# util-linux (setpriv), passwd (useradd): the unit's start as its own user (tests/test_systemd_start.py).
-SYSTEM_PACKAGES := espeak-ng sox shellcheck systemd nginx-light openssl prometheus curl acl util-linux passwd
+# util-linux (setpriv), passwd (useradd): the unit's start as its own user (tests/test_systemd_start.py);
+# redis-server: the Redis session store tests.
+SYSTEM_PACKAGES := espeak-ng sox shellcheck systemd nginx-light openssl prometheus curl acl util-linux passwd redis-server
 
 .PHONY: run test venv venv-dev system-deps lint typecheck pytest bench docs clean
 
