@@ -186,6 +186,20 @@ async def test_a_second_attach_takes_over_and_the_first_holder_hears_it(harness:
     assert await worker_b.is_attached(new)
 
 
+async def test_a_write_by_a_holder_that_was_taken_over_lands_and_tells_it(harness: StoreHarness) -> None:
+    # SQLite's polling is made too slow to matter: the write itself must tell.
+    slow = {"poll_interval": 3600.0} if harness.backend == "sqlite" else {}
+    worker_a, worker_b = await harness.open(**slow), await harness.open()
+    state = new_state()
+    old = await worker_a.create(state, "conn-1")
+    await worker_b.attach(state.session_id, "conn-2")
+
+    message = await worker_a.append_message(state.session_id, sender="医生", content="录完了", origin="recorded")
+
+    assert old.taken_over.is_set()
+    assert (await worker_b.load(state.session_id)).messages[-1] == message
+
+
 async def test_a_takeover_in_the_same_process_is_heard_at_once(harness: StoreHarness) -> None:
     store = await harness.open()
     state = new_state()
@@ -339,7 +353,9 @@ async def test_everything_confirmed_before_a_writer_is_killed_is_kept(harness: S
         writer.stdout.readline()
 
     writer.kill()
-    remaining, _ = writer.communicate(timeout=30)
+    writer.wait(30)
+    # The buffered reader, not communicate(): lines already read into its buffer count too.
+    remaining = writer.stdout.read()
 
     confirmed = 50 + len(remaining.split())
     stored = len((await store.load(state.session_id)).messages)

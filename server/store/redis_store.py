@@ -45,12 +45,18 @@ PARTS = ("state", "messages", "outbox", "modifications", "mark")
 LISTEN_RETRY_SECONDS = 1.0
 
 # KEYS: state, messages, outbox, modifications, mark. ARGV[1..3]: window ms, tombstone ms, now.
+# `absent()` is the reply for a session that is not there (nil when it is); `held()` its epoch and
+# holder, which every write returns so that holders in the writing process learn of a takeover.
 PRELUDE = """
-local function gone()
+local function absent()
+  if redis.call('EXISTS', KEYS[1]) == 1 then return nil end
   local mark = redis.call('GET', KEYS[5])
   if mark == 'ended' then return {'ended'} end
   if mark then return {'expired'} end
   return {'missing'}
+end
+local function held()
+  return redis.call('HMGET', KEYS[1], 'epoch', 'holder')
 end
 local function refresh()
   local window = tonumber(ARGV[1])
@@ -59,7 +65,6 @@ local function refresh()
   redis.call('SET', KEYS[5], 'live', 'PX', window + tonumber(ARGV[2]))
 end
 """
-LIVE = "if redis.call('EXISTS', KEYS[1]) == 0 then return gone() end\n"
 
 # ARGV[4] token, [5] channel, [6] message count n, [7] modification count m, then n messages,
 # m modifications, then field name/value pairs.
@@ -75,9 +80,8 @@ refresh()
 return {'ok'}
 """
 # ARGV[4] token, [5] channel, [6] session id.
-ATTACH = (
-    LIVE
-    + """
+ATTACH = """
+local gone = absent() if gone then return gone end
 local old = redis.call('HMGET', KEYS[1], 'holder', 'channel')
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'holder', ARGV[4], 'channel', ARGV[5])
@@ -85,56 +89,50 @@ refresh()
 if old[1] and old[2] then redis.call('PUBLISH', old[2], 'taken ' .. epoch .. ' ' .. ARGV[6]) end
 return {'ok', epoch}
 """
-)
 # ARGV[4] epoch, [5] token.
 DETACH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'ok', 0} end
-local current = redis.call('HMGET', KEYS[1], 'epoch', 'holder')
+local current = held()
 if current[1] ~= ARGV[4] or current[2] ~= ARGV[5] then return {'ok', 0} end
 redis.call('HDEL', KEYS[1], 'holder', 'channel')
 refresh()
 return {'ok', 1}
 """
 # ARGV[4] id prefix, [5] the message's JSON without its id (the id goes first).
-APPEND_MESSAGE = (
-    LIVE
-    + """
+APPEND_MESSAGE = """
+local gone = absent() if gone then return gone end
 local position = redis.call('HINCRBY', KEYS[1], 'message_count', 1)
 local id = ARGV[4] .. '_' .. string.format('%03d', position)
 redis.call('RPUSH', KEYS[2], '{"message_id":"' .. id .. '",' .. string.sub(ARGV[5], 2))
 refresh()
-return {'ok', id}
+local current = held()
+return {'ok', current[1], current[2], id}
 """
-)
 # ARGV[4] modification.
-APPEND_MODIFICATION = (
-    LIVE
-    + """
+APPEND_MODIFICATION = """
+local gone = absent() if gone then return gone end
 redis.call('RPUSH', KEYS[4], ARGV[4])
 refresh()
-return {'ok'}
+local current = held()
+return {'ok', current[1], current[2]}
 """
-)
 # ARGV[4..] field name/value pairs.
-UPDATE_FIELDS = (
-    LIVE
-    + """
+UPDATE_FIELDS = """
+local gone = absent() if gone then return gone end
 for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 refresh()
-return {'ok'}
+local current = held()
+return {'ok', current[1], current[2]}
 """
-)
-TOUCH = (
-    LIVE
-    + """
+TOUCH = """
+local gone = absent() if gone then return gone end
 refresh()
-return {'ok'}
+local current = held()
+return {'ok', current[1], current[2]}
 """
-)
 # ARGV[4] event, [5] outbox limit, [6] sender epoch or '', [7] sender token or '', [8] session id.
-ENQUEUE = (
-    LIVE
-    + """
+ENQUEUE = """
+local gone = absent() if gone then return gone end
 local current = redis.call('HMGET', KEYS[1], 'epoch', 'holder', 'channel')
 if current[1] == ARGV[6] and current[2] == ARGV[7] then return {'ok', 0} end
 redis.call('RPUSH', KEYS[3], ARGV[4])
@@ -145,18 +143,15 @@ if current[2] and current[3] then
 end
 return {'ok', 1}
 """
-)
 # ARGV[4] epoch, [5] token.
-DRAIN = (
-    LIVE
-    + """
-local current = redis.call('HMGET', KEYS[1], 'epoch', 'holder')
+DRAIN = """
+local gone = absent() if gone then return gone end
+local current = held()
 if current[1] ~= ARGV[4] or current[2] ~= ARGV[5] then return {'taken'} end
 local events = redis.call('LRANGE', KEYS[3], 0, -1)
 redis.call('DEL', KEYS[3])
 return {'ok', events}
 """
-)
 # ARGV[4] session id.
 DELETE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'ok'} end
@@ -312,22 +307,28 @@ class RedisSessionStore(SessionStore):
     async def append_message(self, session_id: str, *, sender: str, content: str, origin: Origin) -> StoredMessage:
         now = time.time()
         body = _json({"sender": sender, "content": content, "origin": origin, "created_at": now})
-        reply = await self._script("append_message", session_id, ID_PREFIX[origin], body)
-        return StoredMessage(reply[1], sender, content, origin, now)
+        reply = await self._session_write("append_message", session_id, ID_PREFIX[origin], body)
+        return StoredMessage(reply[3], sender, content, origin, now)
+
+    async def _session_write(self, name: str, session_id: str, *args: str) -> list[Any]:
+        held = list(self._held.get(session_id, []))
+        reply = await self._script(name, session_id, *args)
+        self._observe(held, int(reply[1]), reply[2], False)
+        return reply
 
     @timed("append_modification")
     async def append_modification(self, session_id: str, modification: str) -> None:
-        await self._script("append_modification", session_id, modification)
+        await self._session_write("append_modification", session_id, modification)
 
     @timed("update_fields")
     async def update_fields(self, session_id: str, /, **changes: Any) -> None:
         check_updatable(changes)
         pairs = [item for name, value in changes.items() for item in (f"f:{name}", _json(value))]
-        await self._script("update_fields", session_id, *pairs)
+        await self._session_write("update_fields", session_id, *pairs)
 
     @timed("touch")
     async def touch(self, session_id: str) -> None:
-        await self._script("touch", session_id)
+        await self._session_write("touch", session_id)
 
     @timed("delete")
     async def delete(self, session_id: str) -> None:

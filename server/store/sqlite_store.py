@@ -1,10 +1,10 @@
 """The embedded session store: one SQLite database (WAL) in STATE_DIR, shared by all workers of a machine.
 
 Each worker process opens its own connections. Writes are `BEGIN IMMEDIATE` transactions, so
-workers serialise on SQLite's own lock (with a busy timeout), and each is committed when its
-awaitable returns. With `fsync=False` (synchronous=NORMAL) a commit survives the death of any
-process, the service's or SQLite's; with `fsync=True` (FULL) it also survives a power loss, at
-the price of an fsync per write.
+workers serialise on SQLite's own lock (a busy transaction is retried for up to 5 s), and each is
+committed when its awaitable returns. With `fsync=False` (synchronous=NORMAL) a commit survives
+the death of any process of the service, SIGKILL included; with `fsync=True` (FULL) it also
+survives a power loss or kernel crash, at the price of an fsync per write.
 
 The blocking calls run on one dedicated thread per process, one hop per operation, so the event
 loop never waits on the disk. A second thread does the housekeeping that must not sit on the
@@ -41,6 +41,11 @@ T = TypeVar("T")
 DATABASE_NAME = "sessions.sqlite3"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_SECONDS = 5.0
+# A transaction holds the write lock for about a tenth of a millisecond. SQLite's own busy handler
+# sleeps 1, 2, 5, 10... ms between tries, which would put those sleeps into the p99 of every write
+# that meets another worker's: the store's thread retries sooner itself.
+FIRST_BUSY_PAUSE = 0.00005
+LONGEST_BUSY_PAUSE = 0.002
 CHECKPOINT_INTERVAL = 1.0
 
 SCHEMA = (
@@ -94,6 +99,20 @@ def write_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
+def retry_busy(work: Callable[..., T], *args: Any) -> T:
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    pause = FIRST_BUSY_PAUSE
+    while True:
+        try:
+            return work(*args)
+        except sqlite3.OperationalError as error:
+            busy = (error.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, LONGEST_BUSY_PAUSE)
+
+
 @contextlib.contextmanager
 def read_snapshot(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("BEGIN")
@@ -136,8 +155,8 @@ class SqliteSessionStore(SessionStore):
             self._prepare_files()
         except OSError as error:
             raise StoreUnavailable(f"SQLite session store {self.path}: {error.strerror}") from error
-        self._db = await self._run(self._io, self._connect, False)
-        await self._run(self._io, self._create_schema)
+        self._db = await self._call(self._connect, False)
+        await self._call(self._create_schema)
         self._housekeeping_db = await self._run(self._housekeeping, self._connect, True)
         self._task = asyncio.create_task(self._housekeep(), name="session-store-housekeeping")
 
@@ -167,13 +186,18 @@ class SqliteSessionStore(SessionStore):
                 os.chmod(f"{self.path}{suffix}", 0o600)
 
     def _connect(self, housekeeping: bool) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
-        db.execute("PRAGMA secure_delete=ON")
-        if not housekeeping:
-            # Checkpoints copy the WAL into the database and fsync it: the housekeeping thread does that.
-            db.execute("PRAGMA wal_autocheckpoint=0")
+        timeout = BUSY_TIMEOUT_SECONDS if housekeeping else 0.0
+        db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
+            db.execute("PRAGMA secure_delete=ON")
+            if not housekeeping:
+                # Checkpoints copy the WAL into the database and fsync it: the housekeeping thread does that.
+                db.execute("PRAGMA wal_autocheckpoint=0")
+        except sqlite3.Error:
+            db.close()
+            raise
         return db
 
     def _create_schema(self) -> None:
@@ -194,8 +218,9 @@ class SqliteSessionStore(SessionStore):
         except sqlite3.Error as error:
             raise StoreUnavailable(f"SQLite session store {self.path}: {error}") from error
 
-    async def _write(self, work: Callable[..., T], *args: Any) -> T:
-        return await self._run(self._io, work, *args)
+    async def _call(self, work: Callable[..., T], *args: Any) -> T:
+        """Run one operation (a whole transaction) on the store's thread, again while another worker holds the lock."""
+        return await self._run(self._io, retry_busy, work, *args)
 
     # -- rows -------------------------------------------------------------------------------------
 
@@ -221,7 +246,7 @@ class SqliteSessionStore(SessionStore):
 
     @timed("create")
     async def create(self, state: SessionState, token: str) -> Attachment:
-        await self._write(self._create, state, token, time.time())
+        await self._call(self._create, state, token, time.time())
         return self._hold(Attachment(state.session_id, token, 1))
 
     def _create(self, state: SessionState, token: str, now: float) -> None:
@@ -247,7 +272,7 @@ class SqliteSessionStore(SessionStore):
 
     @timed("load")
     async def load(self, session_id: str) -> SessionState:
-        return await self._run(self._io, self._load, session_id, time.time())
+        return await self._call(self._load, session_id, time.time())
 
     def _load(self, session_id: str, now: float) -> SessionState:
         db = self._conn()
@@ -265,14 +290,24 @@ class SqliteSessionStore(SessionStore):
         ]
         return SessionState.from_dict(data)
 
+    async def _session_write(self, work: Callable[..., tuple[T, int, str | None]], session_id: str, *args: Any) -> T:
+        held = list(self._held.get(session_id, []))
+        result, epoch, holder = await self._call(work, session_id, *args, time.time())
+        # Every write reads who holds the session: holders in this process learn of a takeover for free.
+        self._observe(held, epoch, holder, False)
+        return result
+
     @timed("append_message")
     async def append_message(self, session_id: str, *, sender: str, content: str, origin: Origin) -> StoredMessage:
-        return await self._write(self._append_message, session_id, sender, content, origin, time.time())
+        return await self._session_write(self._append_message, session_id, sender, content, origin)
 
-    def _append_message(self, session_id: str, sender: str, content: str, origin: Origin, now: float) -> StoredMessage:
+    def _append_message(
+        self, session_id: str, sender: str, content: str, origin: Origin, now: float
+    ) -> tuple[StoredMessage, int, str | None]:
         db = self._conn()
         with write_transaction(db):
-            position = self._live(db, session_id, now)[1] + 1
+            _, count, epoch, holder, _ = self._live(db, session_id, now)
+            position = count + 1
             message = StoredMessage(message_id_for(origin, position), sender, content, origin, now)
             db.execute(
                 "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -282,43 +317,48 @@ class SqliteSessionStore(SessionStore):
                 "UPDATE sessions SET message_count = ?, last_activity = ? WHERE session_id = ?",
                 (position, now, session_id),
             )
-        return message
+        return message, epoch, holder
 
     @timed("append_modification")
     async def append_modification(self, session_id: str, modification: str) -> None:
         def add(fields: dict[str, Any]) -> None:
             fields["modifications"].append(modification)
 
-        await self._write(self._change_fields, session_id, add, time.time())
+        await self._session_write(self._change_fields, session_id, add)
 
     @timed("update_fields")
     async def update_fields(self, session_id: str, /, **changes: Any) -> None:
         check_updatable(changes)
-        await self._write(self._change_fields, session_id, lambda fields: fields.update(changes), time.time())
+        await self._session_write(self._change_fields, session_id, lambda fields: fields.update(changes))
 
-    def _change_fields(self, session_id: str, change: Callable[[dict[str, Any]], None], now: float) -> None:
+    def _change_fields(
+        self, session_id: str, change: Callable[[dict[str, Any]], None], now: float
+    ) -> tuple[None, int, str | None]:
         db = self._conn()
         with write_transaction(db):
-            fields = orjson.loads(self._live(db, session_id, now)[0])
+            fields_json, _, epoch, holder, _ = self._live(db, session_id, now)
+            fields = orjson.loads(fields_json)
             change(fields)
             db.execute(
                 "UPDATE sessions SET fields = ?, last_activity = ? WHERE session_id = ?",
                 (orjson.dumps(fields), now, session_id),
             )
+        return None, epoch, holder
 
     @timed("touch")
     async def touch(self, session_id: str) -> None:
-        await self._write(self._touch_live, session_id, time.time())
+        await self._session_write(self._touch_live, session_id)
 
-    def _touch_live(self, session_id: str, now: float) -> None:
+    def _touch_live(self, session_id: str, now: float) -> tuple[None, int, str | None]:
         db = self._conn()
         with write_transaction(db):
-            self._live(db, session_id, now)
+            _, _, epoch, holder, _ = self._live(db, session_id, now)
             self._touch(db, session_id, now)
+        return None, epoch, holder
 
     @timed("delete")
     async def delete(self, session_id: str) -> None:
-        await self._write(self._delete, session_id, time.time())
+        await self._call(self._delete, session_id, time.time())
         self._deleted = True
         self._observe(self._held.get(session_id, []), None, None, False)
 
@@ -334,7 +374,7 @@ class SqliteSessionStore(SessionStore):
 
     @timed("attach")
     async def attach(self, session_id: str, token: str) -> Attachment:
-        epoch = await self._write(self._attach, session_id, token, time.time())
+        epoch = await self._call(self._attach, session_id, token, time.time())
         self._observe(self._held.get(session_id, []), epoch, token, False)
         return self._hold(Attachment(session_id, token, epoch))
 
@@ -350,7 +390,7 @@ class SqliteSessionStore(SessionStore):
 
     @timed("is_attached")
     async def is_attached(self, attachment: Attachment) -> bool:
-        row = await self._run(self._io, self._holder, attachment.session_id)
+        row = await self._call(self._holder, attachment.session_id)
         epoch, holder = row if row is not None else (None, None)
         self._observe([attachment], epoch, holder, False)
         return not attachment.taken_over.is_set()
@@ -364,7 +404,7 @@ class SqliteSessionStore(SessionStore):
     @timed("detach")
     async def detach(self, attachment: Attachment) -> bool:
         self._release(attachment)
-        return await self._write(self._detach, attachment.session_id, attachment.epoch, attachment.token, time.time())
+        return await self._call(self._detach, attachment.session_id, attachment.epoch, attachment.token, time.time())
 
     def _detach(self, session_id: str, epoch: int, token: str, now: float) -> bool:
         db = self._conn()
@@ -381,7 +421,7 @@ class SqliteSessionStore(SessionStore):
     @timed("deliver")
     async def deliver(self, attachment: Attachment, event: Event) -> bool:
         # The usual case, the holder sending its own event, costs one read; only a queued event writes.
-        row = await self._run(self._io, self._holder, attachment.session_id)
+        row = await self._call(self._holder, attachment.session_id)
         if row is not None and tuple(row) == (attachment.epoch, attachment.token):
             return True
         return not await self._enqueue_signalled(attachment.session_id, event, attachment)
@@ -392,7 +432,7 @@ class SqliteSessionStore(SessionStore):
 
     async def _enqueue_signalled(self, session_id: str, event: Event, sender: Attachment | None) -> bool:
         held = list(self._held.get(session_id, []))
-        queued, epoch, holder = await self._write(self._enqueue, session_id, orjson.dumps(event), sender, time.time())
+        queued, epoch, holder = await self._call(self._enqueue, session_id, orjson.dumps(event), sender, time.time())
         if queued:
             # A holder in this process hears at once; one in another process at its next poll.
             self._observe(held, epoch, holder, True)
@@ -419,7 +459,7 @@ class SqliteSessionStore(SessionStore):
     @timed("drain_events")
     async def drain_events(self, attachment: Attachment) -> list[Event]:
         attachment.events_waiting.clear()
-        events = await self._write(self._drain, attachment, time.time())
+        events = await self._call(self._drain, attachment, time.time())
         return [orjson.loads(event) for event in events]
 
     def _drain(self, attachment: Attachment, now: float) -> list[bytes]:
@@ -484,11 +524,16 @@ class SqliteSessionStore(SessionStore):
 
     async def _housekeep(self) -> None:
         version = -1
+        polled: set[str] = set()
         next_purge = next_checkpoint = time.monotonic()
         while True:
             try:
                 held = self._held_now()
-                version, rows = await self._run(self._housekeeping, self._poll, list(held), version)
+                # A session held since the last poll is asked about even if nothing was committed since:
+                # what was committed before it was held has not been looked at for it.
+                seen = version if polled.issuperset(held) else -1
+                version, rows = await self._run(self._housekeeping, self._poll, list(held), seen)
+                polled = set(held)
                 found = {row[0]: row for row in rows or ()}
                 if rows is not None:
                     for session_id, attachments in held.items():
