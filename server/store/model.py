@@ -127,8 +127,9 @@ class Attachment:
     current one on any worker or instance. The store sets `taken_over` (for good) when another
     connection attached or the session was deleted or purged, and `events_waiting` when events
     were queued for this holder; the holder clears `events_waiting` and calls `drain_events`.
-    Both signals arrive within about a poll interval (SQLite, other processes) or at once
-    (same process; Redis pub/sub); `SessionStore.is_attached` asks the store itself.
+    Both signals arrive at once within a process and through Redis pub/sub, and within a poll
+    interval (0.2 s) from another process sharing a SQLite file. Every write to the session by
+    this process also brings `taken_over` up to date; `SessionStore.is_attached` asks the store.
     """
 
     session_id: str

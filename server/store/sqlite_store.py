@@ -6,8 +6,10 @@ committed when its awaitable returns. With `fsync=False` (synchronous=NORMAL) a 
 the death of any process of the service, SIGKILL included; with `fsync=True` (FULL) it also
 survives a power loss or kernel crash, at the price of an fsync per write.
 
-The blocking calls run on one dedicated thread per process, one hop per operation, so the event
-loop never waits on the disk. A second thread does the housekeeping that must not sit on the
+An operation that can finish at once runs on the event loop (a WAL commit without fsync takes
+some 30 µs); one that may wait (another worker holds the lock, or fsync is on) runs on one
+dedicated thread per process, so the loop never waits on a lock or the disk (bench/bench_store.py
+measures both, and the loop's lag). A second thread does the housekeeping that must not sit on the
 write path: WAL checkpoints (automatic checkpoints are off for the writing connection), the
 purge of expired sessions, and the polling that tells this process's attachments they were taken
 over by another process (attachments in the same process are told at once).
@@ -45,8 +47,9 @@ BUSY_TIMEOUT_SECONDS = 5.0
 # sleeps 1, 2, 5, 10... ms between tries, which would put those sleeps into the p99 of every write
 # that meets another worker's: the store's thread retries sooner itself.
 FIRST_BUSY_PAUSE = 0.00005
-LONGEST_BUSY_PAUSE = 0.002
-CHECKPOINT_INTERVAL = 1.0
+LONGEST_BUSY_PAUSE = 0.0005
+# A checkpoint fsyncs the WAL and the database, which slows the writes that meet it: not too often.
+CHECKPOINT_INTERVAL = 10.0
 
 SCHEMA = (
     # `fields`: the session's JSON (SessionState.fields_dict without last_activity); the columns
@@ -99,6 +102,11 @@ def write_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
+def is_busy(error: sqlite3.Error) -> bool:
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def retry_busy(work: Callable[..., T], *args: Any) -> T:
     deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
     pause = FIRST_BUSY_PAUSE
@@ -106,8 +114,7 @@ def retry_busy(work: Callable[..., T], *args: Any) -> T:
         try:
             return work(*args)
         except sqlite3.OperationalError as error:
-            busy = (error.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-            if not busy or time.monotonic() > deadline:
+            if not is_busy(error) or time.monotonic() > deadline:
                 raise
         time.sleep(pause)
         pause = min(2 * pause, LONGEST_BUSY_PAUSE)
@@ -142,6 +149,7 @@ class SqliteSessionStore(SessionStore):
         self.poll_interval = poll_interval
         self.purge_interval = purge_interval
         self._io = ThreadPoolExecutor(1, thread_name_prefix="session-store")
+        self._on_thread = 0
         self._housekeeping = ThreadPoolExecutor(1, thread_name_prefix="session-store-housekeeping")
         self._db: sqlite3.Connection | None = None
         self._housekeeping_db: sqlite3.Connection | None = None
@@ -187,7 +195,8 @@ class SqliteSessionStore(SessionStore):
 
     def _connect(self, housekeeping: bool) -> sqlite3.Connection:
         timeout = BUSY_TIMEOUT_SECONDS if housekeeping else 0.0
-        db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        # Used by the loop and by the store's thread, never by both at once (see `_call`).
+        db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
@@ -219,8 +228,24 @@ class SqliteSessionStore(SessionStore):
             raise StoreUnavailable(f"SQLite session store {self.path}: {error}") from error
 
     async def _call(self, work: Callable[..., T], *args: Any) -> T:
-        """Run one operation (a whole transaction) on the store's thread, again while another worker holds the lock."""
-        return await self._run(self._io, retry_busy, work, *args)
+        """Run one operation (a whole transaction): on the loop if it can finish at once, else on the store's thread.
+
+        Without fsync a transaction takes some 30 µs, less than the loop spends handing it to a thread
+        and back, and it spares the two thread switches that a busy machine makes cost milliseconds.
+        What may wait goes to the thread: a lock held by another worker, an fsync, or anything queued
+        there already (so operations stay in order).
+        """
+        if not self.fsync and self._on_thread == 0:
+            try:
+                return work(*args)
+            except sqlite3.Error as error:
+                if not is_busy(error):
+                    raise StoreUnavailable(f"SQLite session store {self.path}: {error}") from error
+        self._on_thread += 1
+        try:
+            return await self._run(self._io, retry_busy, work, *args)
+        finally:
+            self._on_thread -= 1
 
     # -- rows -------------------------------------------------------------------------------------
 

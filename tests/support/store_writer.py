@@ -1,9 +1,10 @@
 """`python -m tests.support.store_writer '<json>'`: one writer process for the store tests.
 
 It opens the store described by the JSON (`tests.support.stores.open_store` spec, plus
-`session_id`, `count`, `writer` and `start_at`, a wall-clock time at which all writers begin),
-appends `count` messages to the session, and prints each confirmed message id on its own line
-as soon as the store confirmed it, so a parent that kills it knows exactly what was confirmed.
+`session_id`, `count`, `writer`, `start_at`, a wall-clock time at which all writers begin, and
+optionally `interval`, seconds between writes), appends `count` messages to the session, and
+prints each message id as soon as the store confirmed it, so a parent that kills it knows
+exactly what was confirmed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ async def write(spec: dict[str, Any]) -> None:
                 origin="recorded",
             )
             print(message.message_id, flush=True)
+            await asyncio.sleep(spec.get("interval", 0))
     finally:
         await store.close()
 
