@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -12,9 +15,9 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from server.store import SessionExpired, SessionState, SessionStore, StoreUnavailable
-from server.store.redis_store import RedisSessionStore
+from server.store.redis_store import DEFAULT_PREFIX, RedisSessionStore
 from tests.support.redis_server import RedisServer
-from tests.support.server import free_port
+from tests.support.server import ROOT, free_port
 
 PASSWORD = "not-in-any-message-7f3a"
 SIGNAL_TIMEOUT = 10.0
@@ -42,7 +45,8 @@ async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
 
 
 async def open_store(opened: list[SessionStore], url: str, **options: Any) -> RedisSessionStore:
-    store = RedisSessionStore(url, key_prefix=f"test:{uuid.uuid4().hex[:8]}:", **{"resume_window": 3600.0, **options})
+    options = {"resume_window": 3600.0, "key_prefix": f"test:{uuid.uuid4().hex[:8]}:", **options}
+    store = RedisSessionStore(url, **options)
     await store.start()
     opened.append(store)
     return store
@@ -145,3 +149,49 @@ async def test_operations_while_redis_is_down_fail_clearly_and_work_again_after(
 
     message = await store.append_message(state.session_id, sender="医生", content="你好", origin="recorded")
     assert message.message_id == "msg_001"
+
+
+async def test_an_operator_deletes_a_conversation_from_redis(
+    stores: list[SessionStore], redis_server: RedisServer, raw: Redis
+) -> None:
+    store = await open_store(stores, redis_server.url, key_prefix=DEFAULT_PREFIX)
+    state = SessionState(str(uuid.uuid4()), 3)
+    await store.create(state, "conn-1")
+    await store.append_message(state.session_id, sender="医生", content="你好", origin="recorded")
+
+    command = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "server.store", "delete", state.session_id],
+        cwd=ROOT,
+        env={**os.environ, "ENV_FILE": os.devnull, "SESSION_STORE_URL": redis_server.url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert command.returncode == 0, command.stderr
+    assert await raw.keys(f"{DEFAULT_PREFIX}{{{state.session_id}}}:*") == [
+        f"{DEFAULT_PREFIX}{{{state.session_id}}}:mark"
+    ]
+    with pytest.raises(SessionExpired):
+        await store.load(state.session_id)
+
+
+async def test_the_delete_command_fails_clearly_when_redis_is_unreachable() -> None:
+    url = f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"
+
+    command = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "server.store", "delete", str(uuid.uuid4())],
+        cwd=ROOT,
+        env={**os.environ, "ENV_FILE": os.devnull, "SESSION_STORE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert command.returncode == 2
+    assert command.stderr.startswith("error: Redis session store at 127.0.0.1:")
+    assert PASSWORD not in command.stderr

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from server.store import SessionState, StoreUnavailable
+from server.store import SessionExpired, SessionState, StoreUnavailable
 from server.store.sqlite_store import DATABASE_NAME, SqliteSessionStore
+from tests.support.server import ROOT
 from tests.support.stores import PURGE_INTERVAL
 
 PURGE_DEADLINE = 30.0
@@ -110,3 +114,31 @@ async def test_an_ended_conversation_is_wiped_from_the_files(stores: list[Sqlite
     await store.delete(state.session_id)
 
     await eventually_absent(state_dir, secret)
+
+
+async def test_an_operator_deletes_a_conversation_while_the_service_runs(
+    stores: list[SqliteSessionStore], tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    store = await open_store(stores, state_dir)
+    state = SessionState(str(uuid.uuid4()), 3)
+    secret = f"private-{uuid.uuid4().hex}"
+    holder = await store.create(state, "conn-1")
+    await store.append_message(state.session_id, sender="医生", content=secret, origin="recorded")
+
+    command = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "server.store", "delete", state.session_id],
+        cwd=ROOT,
+        env={**os.environ, "ENV_FILE": os.devnull, "STATE_DIR": str(state_dir)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert command.returncode == 0, command.stderr
+    assert not files_contain(state_dir, secret)
+    with pytest.raises(SessionExpired):
+        await store.load(state.session_id)
+    assert not await store.is_attached(holder)
