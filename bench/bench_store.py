@@ -29,11 +29,11 @@ from pathlib import Path
 import orjson
 
 from bench.stats import percentile
+from harness.redis_server import RedisServer
+from harness.server import ROOT
 from server.store import SessionState, SessionStore
 from server.store.redis_store import RedisSessionStore
 from server.store.sqlite_store import SqliteSessionStore
-from tests.support.redis_server import RedisServer
-from tests.support.server import ROOT
 
 ROUNDS = 5
 PER_ROUND = 400
@@ -117,7 +117,7 @@ async def competing_writer(state_dir: Path) -> AsyncIterator[None]:
     spec = {"backend": "sqlite", "state_dir": str(state_dir), "session_id": session.session_id}
     spec |= {"count": 10_000_000, "writer": 1, "start_at": 0, "interval": 1 / COMPETITOR_WRITES_PER_SECOND}
     process = subprocess.Popen(  # noqa: ASYNC220 - started once per round, outside the timed loop
-        [sys.executable, "-m", "tests.support.store_writer", orjson.dumps(spec).decode()],
+        [sys.executable, "-m", "harness.store_writer", orjson.dumps(spec).decode()],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
     )

@@ -17,6 +17,8 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
+from harness.redis_server import RedisServer
+from harness.server import ROOT
 from server.store import (
     SessionExpired,
     SessionNotFound,
@@ -24,8 +26,6 @@ from server.store import (
     SessionTakenOver,
     StoredMessage,
 )
-from tests.support.redis_server import RedisServer
-from tests.support.server import ROOT
 from tests.support.stores import BACKENDS, Backend, StoreHarness
 
 SIGNAL_TIMEOUT = 10.0
@@ -312,7 +312,7 @@ def start_writers(harness: StoreHarness, session_id: str, writers: int, count: i
             [
                 sys.executable,
                 "-m",
-                "tests.support.store_writer",
+                "harness.store_writer",
                 orjson.dumps(
                     {**harness.spec, "session_id": session_id, "count": count, "writer": n, "start_at": start_at}
                 ).decode(),

@@ -14,10 +14,10 @@ import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
+from harness.redis_server import RedisServer
+from harness.server import ROOT, free_port
 from server.store import SessionExpired, SessionState, SessionStore, StoreUnavailable
 from server.store.redis_store import DEFAULT_PREFIX, RedisSessionStore
-from tests.support.redis_server import RedisServer
-from tests.support.server import ROOT, free_port
 
 PASSWORD = "not-in-any-message-7f3a"
 SIGNAL_TIMEOUT = 10.0

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.server import ROOT
+from harness.store_writer import PURGE_INTERVAL
 from server.store import SessionExpired, SessionState, StoreUnavailable
 from server.store.sqlite_store import DATABASE_NAME, SqliteSessionStore
-from tests.support.server import ROOT
-from tests.support.stores import PURGE_INTERVAL
 
 PURGE_DEADLINE = 30.0
 

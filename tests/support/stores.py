@@ -2,7 +2,7 @@
 
 A `StoreHarness` opens any number of stores on one backend (several stores on one SQLite file or
 one Redis stand for several worker processes or instances) and closes them all at the end. Its
-`spec` is what `tests.support.store_writer` needs to open the same store in another process.
+`spec` is what `harness.store_writer` needs to open the same store in another process.
 """
 
 from __future__ import annotations
@@ -11,26 +11,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
+from harness.redis_server import RedisServer
+from harness.store_writer import open_store
 from server.store import SessionStore
-from server.store.redis_store import RedisSessionStore
-from server.store.sqlite_store import SqliteSessionStore
-from tests.support.redis_server import RedisServer
 
 Backend = Literal["sqlite", "redis"]
 BACKENDS: tuple[Backend, ...] = ("sqlite", "redis")
-# Short intervals so that cross-process signals and purges happen within a test's patience.
-POLL_INTERVAL = 0.05
-PURGE_INTERVAL = 0.25
-
-
-def open_store(spec: dict[str, Any], **options: Any) -> SessionStore:
-    """A store (not started) as described by `spec`, with `options` for its constructor."""
-    options.setdefault("resume_window", 3600.0)
-    if spec["backend"] == "sqlite":
-        options.setdefault("poll_interval", POLL_INTERVAL)
-        options.setdefault("purge_interval", PURGE_INTERVAL)
-        return SqliteSessionStore(Path(spec["state_dir"]), **options)
-    return RedisSessionStore(spec["url"], key_prefix=spec["prefix"], **options)
 
 
 class StoreHarness:

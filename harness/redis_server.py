@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from tests.support.server import free_port
+from harness.server import free_port
 
 
 class RedisServer:
