@@ -114,6 +114,21 @@ async def test_writes_are_visible_to_every_other_store(harness: StoreHarness) ->
     assert loaded.scenario_description == "在社区医院复诊"
 
 
+async def test_a_new_message_id_never_repeats_a_history_message_id(harness: StoreHarness) -> None:
+    store = await harness.open()
+    # Clients choose history ids freely, even twice.
+    history = [StoredMessage("msg_003", "医生", "你好", "history"), StoredMessage("msg_003", "我", "嗯", "history")]
+    state = new_state(messages=history)
+    await store.create(state, "conn-1")
+
+    recorded = await store.append_message(state.session_id, sender="医生", content="a", origin="recorded")
+    selected = await store.append_message(state.session_id, sender="我", content="b", origin="selected")
+
+    assert (recorded.message_id, selected.message_id) == ("msg_004", "usr_004")
+    ids = [m.message_id for m in (await store.load(state.session_id)).messages]
+    assert ids == ["msg_003", "msg_003", "msg_004", "usr_004"]
+
+
 async def test_update_fields_refuses_fields_it_does_not_own(harness: StoreHarness) -> None:
     store = await harness.open()
     state = new_state()

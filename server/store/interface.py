@@ -99,7 +99,8 @@ class SessionStore(ABC):
 
     @abstractmethod
     async def append_message(self, session_id: str, *, sender: str, content: str, origin: Origin) -> StoredMessage:
-        """Append a message; its id (`msg_NNN`/`usr_NNN`) is given by its position, decided atomically."""
+        """Append a message; its id is `msg_NNN`/`usr_NNN` with NNN its 1-based position (decided atomically),
+        or the next free number when a history message already holds that id."""
 
     @abstractmethod
     async def append_modification(self, session_id: str, modification: str) -> None:

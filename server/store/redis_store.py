@@ -5,11 +5,12 @@ answers; how durable a commit is beyond that is the Redis server's persistence s
 (`appendonly yes` keeps every acknowledged write through a Redis restart or crash of the
 Redis process; `appendfsync always` also through a power loss).
 
-A session is five keys sharing one hash tag (one cluster slot): `state` (a hash: each session
+A session is six keys sharing one hash tag (one cluster slot): `state` (a hash: each session
 field as JSON under `f:<name>`, plus epoch, holder, the holder's signal channel, message count,
-last activity), `messages` and `modifications` (lists), `outbox` (a list of event JSON) and
-`mark`. Data keys expire `resume_window` after the last activity (Redis purges them); `mark`
-outlives them by `tombstone_ttl` and says whether an absent session expired or was ended.
+last activity), `messages` and `modifications` (lists), `outbox` (a list of event JSON), `ids`
+(the set of message ids, so a new id never repeats a history message's) and `mark`. Data keys
+expire `resume_window` after the last activity (Redis purges them); `mark` outlives them by
+`tombstone_ttl` and says whether an absent session expired or was ended.
 
 Each store (one per worker process) subscribes to a channel of its own; the holder's channel is
 recorded with the attachment, so a takeover or a queued event is published to exactly the
@@ -41,16 +42,16 @@ from server.store.model import ID_PREFIX, Attachment, Event, Origin, SessionStat
 log = logging.getLogger("server.store")
 
 DEFAULT_PREFIX = "adb:session:"
-PARTS = ("state", "messages", "outbox", "modifications", "mark")
+PARTS = ("state", "messages", "outbox", "modifications", "ids", "mark")
 LISTEN_RETRY_SECONDS = 1.0
 
-# KEYS: state, messages, outbox, modifications, mark. ARGV[1..3]: window ms, tombstone ms, now.
+# KEYS: state, messages, outbox, modifications, ids, mark. ARGV[1..3]: window ms, tombstone ms, now.
 # `absent()` is the reply for a session that is not there (nil when it is); `held()` its epoch and
 # holder, which every write returns so that holders in the writing process learn of a takeover.
 PRELUDE = """
 local function absent()
   if redis.call('EXISTS', KEYS[1]) == 1 then return nil end
-  local mark = redis.call('GET', KEYS[5])
+  local mark = redis.call('GET', KEYS[6])
   if mark == 'ended' then return {'ended'} end
   if mark then return {'expired'} end
   return {'missing'}
@@ -61,21 +62,22 @@ end
 local function refresh()
   local window = tonumber(ARGV[1])
   redis.call('HSET', KEYS[1], 'last_activity', ARGV[3])
-  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], window) end
-  redis.call('SET', KEYS[5], 'live', 'PX', window + tonumber(ARGV[2]))
+  for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], window) end
+  redis.call('SET', KEYS[6], 'live', 'PX', window + tonumber(ARGV[2]))
 end
 """
 
 # ARGV[4] token, [5] channel, [6] message count n, [7] modification count m, then n messages,
-# m modifications, then field name/value pairs.
+# their n ids, m modifications, then field name/value pairs.
 CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 local n, m = tonumber(ARGV[6]), tonumber(ARGV[7])
 redis.call('HSET', KEYS[1], 'epoch', 1, 'holder', ARGV[4], 'channel', ARGV[5], 'message_count', n)
 for i = 8, 7 + n do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-for i = 8 + n, 7 + n + m do redis.call('RPUSH', KEYS[4], ARGV[i]) end
-for i = 8 + n + m, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 8 + n, 7 + 2 * n do redis.call('SADD', KEYS[5], ARGV[i]) end
+for i = 8 + 2 * n, 7 + 2 * n + m do redis.call('RPUSH', KEYS[4], ARGV[i]) end
+for i = 8 + 2 * n + m, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 refresh()
 return {'ok'}
 """
@@ -103,6 +105,11 @@ APPEND_MESSAGE = """
 local gone = absent() if gone then return gone end
 local position = redis.call('HINCRBY', KEYS[1], 'message_count', 1)
 local id = ARGV[4] .. '_' .. string.format('%03d', position)
+while redis.call('SISMEMBER', KEYS[5], id) == 1 do
+  position = position + 1
+  id = ARGV[4] .. '_' .. string.format('%03d', position)
+end
+redis.call('SADD', KEYS[5], id)
 redis.call('RPUSH', KEYS[2], '{"message_id":"' .. id .. '",' .. string.sub(ARGV[5], 2))
 refresh()
 local current = held()
@@ -156,8 +163,8 @@ return {'ok', events}
 DELETE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'ok'} end
 local channel = redis.call('HGET', KEYS[1], 'channel')
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-redis.call('SET', KEYS[5], 'ended', 'PX', ARGV[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SET', KEYS[6], 'ended', 'PX', ARGV[2])
 if channel then redis.call('PUBLISH', channel, 'gone 0 ' .. ARGV[4]) end
 return {'ok'}
 """
@@ -272,6 +279,7 @@ class RedisSessionStore(SessionStore):
             len(state.messages),
             len(state.modifications),
             *(_json(message.to_dict()) for message in state.messages),
+            *(message.message_id for message in state.messages),
             *state.modifications,
             *pairs,
         )
@@ -281,7 +289,7 @@ class RedisSessionStore(SessionStore):
 
     @timed("load")
     async def load(self, session_id: str) -> SessionState:
-        state, messages, _, modifications, mark = self._keys(session_id)
+        state, messages, _, modifications, _, mark = self._keys(session_id)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hgetall(state)
@@ -432,7 +440,7 @@ class RedisSessionStore(SessionStore):
         held = self._held_now()
         async with self._redis.pipeline(transaction=False) as pipe:
             for session_id in held:
-                state, _, outbox, _, _ = self._keys(session_id)
+                state, _, outbox, _, _, _ = self._keys(session_id)
                 pipe.hmget(state, ["epoch", "holder"])
                 pipe.llen(outbox)
             replies = await pipe.execute()

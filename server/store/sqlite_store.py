@@ -73,6 +73,7 @@ SCHEMA = (
         created_at REAL NOT NULL,
         PRIMARY KEY (session_id, position)
     ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS messages_by_id ON messages (session_id, message_id)",
     """CREATE TABLE IF NOT EXISTS outbox (
         session_id TEXT NOT NULL,
         seq INTEGER NOT NULL,
@@ -333,7 +334,8 @@ class SqliteSessionStore(SessionStore):
         with write_transaction(db):
             _, count, epoch, holder, _ = self._live(db, session_id, now)
             position = count + 1
-            message = StoredMessage(message_id_for(origin, position), sender, content, origin, now)
+            message_id = self._free_id(db, session_id, origin, position)
+            message = StoredMessage(message_id, sender, content, origin, now)
             db.execute(
                 "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (session_id, position, message.message_id, sender, content, origin, now),
@@ -343,6 +345,16 @@ class SqliteSessionStore(SessionStore):
                 (position, now, session_id),
             )
         return message, epoch, holder
+
+    def _free_id(self, db: sqlite3.Connection, session_id: str, origin: Origin, position: int) -> str:
+        """The id for `position`, or the next free number when a history message already holds it."""
+        number = position
+        while db.execute(
+            "SELECT 1 FROM messages WHERE session_id = ? AND message_id = ?",
+            (session_id, message_id_for(origin, number)),
+        ).fetchone():
+            number += 1
+        return message_id_for(origin, number)
 
     @timed("append_modification")
     async def append_modification(self, session_id: str, modification: str) -> None:
