@@ -2,7 +2,7 @@
 
 Side by side for the in-memory baseline (a list append, what a worker does without a store),
 SQLite (WAL; synchronous=NORMAL, and FULL = SESSION_STORE_FSYNC=true) and Redis (a real
-`redis-server` with appendonly yes): p50/p99 of `append_message` (the write before
+`redis-server` with appendonly yes, appendfsync everysec and always): p50/p99 of `append_message` (the write before
 `message_recorded`), of `deliver` (an explicit holder check before a send) and of the two in a
 row; the p99 they add to the in-memory figure is what a control-plane round trip pays (target:
 <= 2 ms). Also: the same write while another process writes 1000 times a second to the same
@@ -129,7 +129,7 @@ async def competing_writer(state_dir: Path) -> AsyncIterator[None]:
         process.wait()
 
 
-async def measure(base: Path, redis: RedisServer) -> dict[str, Samples]:
+async def measure(base: Path, redis: RedisServer, durable_redis: RedisServer) -> dict[str, Samples]:
     async with AsyncExitStack() as stack:
         subjects = {
             MEMORY: memory_operations(),
@@ -141,6 +141,9 @@ async def measure(base: Path, redis: RedisServer) -> dict[str, Samples]:
             ),
             "Redis (appendonly yes, everysec)": await stack.enter_async_context(
                 store_operations(RedisSessionStore(redis.url, resume_window=3600.0))
+            ),
+            "Redis (appendfsync always)": await stack.enter_async_context(
+                store_operations(RedisSessionStore(durable_redis.url, resume_window=3600.0))
             ),
             CONTENDED: await stack.enter_async_context(
                 store_operations(SqliteSessionStore(base / "contended", resume_window=3600.0))
@@ -187,8 +190,12 @@ def report(measured: dict[str, Samples]) -> None:
 
 
 async def run() -> None:
-    with tempfile.TemporaryDirectory(prefix="adb-bench-store-") as temp, RedisServer() as redis:
-        report(await measure(Path(temp), redis))
+    with (
+        tempfile.TemporaryDirectory(prefix="adb-bench-store-") as temp,
+        RedisServer() as redis,
+        RedisServer(appendfsync="always") as durable_redis,
+    ):
+        report(await measure(Path(temp), redis, durable_redis))
 
 
 def main() -> None:

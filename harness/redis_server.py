@@ -1,8 +1,9 @@
 """A real `redis-server` (the Debian package) on a free port, its data in a temporary directory.
 
-`with RedisServer() as redis:` starts it with append-only persistence and waits until it answers
-PING; `restart()` stops it (SIGTERM, or SIGKILL with `kill=True`) and starts it again on the same
-port and data; leaving the block stops it and removes its directory.
+`with RedisServer() as redis:` starts it with append-only persistence (`appendfsync` as given,
+Redis's default `everysec` unless told) and waits until it answers PING; `restart()` stops it
+(SIGTERM, or SIGKILL with `kill=True`) and starts it again on the same port and data; leaving the
+block stops it and removes its directory.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from harness.server import free_port
 
 
 class RedisServer:
-    def __init__(self, password: str | None = None) -> None:
+    def __init__(self, password: str | None = None, appendfsync: str = "everysec") -> None:
         self.port = free_port()
         self.password = password
+        self.appendfsync = appendfsync
         self.workdir = Path(tempfile.mkdtemp(prefix="adb-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -39,6 +41,7 @@ class RedisServer:
             "--bind", "127.0.0.1",
             "--dir", str(self.workdir),
             "--appendonly", "yes",
+            "--appendfsync", self.appendfsync,
             "--save", "",
             "--logfile", str(self.workdir / "redis.log"),
         ]  # fmt: skip

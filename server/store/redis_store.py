@@ -1,9 +1,10 @@
 """The shared session store: Redis, for several instances behind a load balancer.
 
 Every operation is one Lua script (or one MULTI), so it is atomic and committed when Redis
-answers; how durable a commit is beyond that is the Redis server's persistence setting
-(`appendonly yes` keeps every acknowledged write through a Redis restart or crash of the
-Redis process; `appendfsync always` also through a power loss).
+answers; how durable a commit is beyond that is the Redis server's persistence setting: with
+`appendonly yes` and `appendfsync always` every acknowledged write survives a killed Redis and a
+power loss; with `everysec` (Redis's default) a clean restart keeps everything, but a crash may
+lose the last second (Redis may answer before its file write when an fsync is slow).
 
 A session is six keys sharing one hash tag (one cluster slot): `state` (a hash: each session
 field as JSON under `f:<name>`, plus epoch, holder, the holder's signal channel, message count,
