@@ -174,7 +174,7 @@ class SessionStore(ABC):
         before that attach committed) says nothing about it. Only attachments that were held when the
         store was asked may be passed: their create or attach had committed before the question.
         """
-        for attachment in attachments:
+        for attachment in list(attachments):
             if epoch is None or epoch > attachment.epoch or (epoch == attachment.epoch and holder != attachment.token):
                 self._lost(attachment)
             elif epoch == attachment.epoch and queued:
