@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -142,3 +143,28 @@ async def test_an_operator_deletes_a_conversation_while_the_service_runs(
     with pytest.raises(SessionExpired):
         await store.load(state.session_id)
     assert not await store.is_attached(holder)
+
+
+async def test_a_write_waits_for_another_workers_lock_without_blocking_the_loop(
+    stores: list[SqliteSessionStore], tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    store = await open_store(stores, state_dir)
+    state = SessionState(str(uuid.uuid4()), 3)
+    await store.create(state, "conn-1")
+    other_worker = sqlite3.connect(state_dir / DATABASE_NAME, isolation_level=None)
+    other_worker.execute("BEGIN IMMEDIATE")
+    try:
+        write = asyncio.create_task(
+            store.append_message(state.session_id, sender="医生", content="等一下", origin="recorded")
+        )
+        # The loop keeps running while the write waits: a write that blocked it would have given up
+        # (busy) before this sleep could end.
+        await asyncio.sleep(0.2)
+        assert not write.done()
+    finally:
+        other_worker.execute("COMMIT")
+        other_worker.close()
+
+    message = await write
+    assert (await store.load(state.session_id)).messages == [message]
