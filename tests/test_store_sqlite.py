@@ -145,7 +145,7 @@ async def test_an_operator_deletes_a_conversation_while_the_service_runs(
     assert not await store.is_attached(holder)
 
 
-async def test_a_write_waits_for_another_workers_lock_without_blocking_the_loop(
+async def test_a_write_that_meets_another_workers_lock_waits_for_it_and_lands(
     stores: list[SqliteSessionStore], tmp_path: Path
 ) -> None:
     state_dir = tmp_path / "state"
@@ -158,8 +158,6 @@ async def test_a_write_waits_for_another_workers_lock_without_blocking_the_loop(
         write = asyncio.create_task(
             store.append_message(state.session_id, sender="医生", content="等一下", origin="recorded")
         )
-        # The loop keeps running while the write waits: a write that blocked it would have given up
-        # (busy) before this sleep could end.
         await asyncio.sleep(0.2)
         assert not write.done()
     finally:
