@@ -41,6 +41,7 @@ def service(fake: FakeOpenRouter) -> Iterator[ServerProcess]:
         LLM_SESSION_RATE_PER_MINUTE=1,
         LLM_PROMPT_CHAR_BUDGET=PROMPT_BUDGET,
         MAX_TEXT_CHARS=1_000_000,  # the largest text the protocol can be set to accept, for the 3 MB message
+        MAX_MESSAGE_BYTES=4 * 1024 * 1024,  # and a frame that can carry it
     ) as server:
         yield server
 
