@@ -8,10 +8,12 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # espeak-ng/sox: speech fixtures; shellcheck, systemd (systemd-analyze), nginx, openssl: checks of install.sh and
-# service/; prometheus: promtool, which checks the /metrics exposition; curl: install.sh's downloads; acl (setfacl),
-# util-linux (setpriv), passwd (useradd): the unit's start as its own user (tests/test_systemd_start.py);
-# redis-server: the Redis session store tests.
-SYSTEM_PACKAGES := espeak-ng sox shellcheck systemd nginx-light openssl prometheus curl acl util-linux passwd redis-server
+# service/; prometheus: promtool, which checks the /metrics exposition and the alert rules; curl: install.sh's
+# downloads; acl (setfacl), util-linux (setpriv), passwd (useradd): the unit's start as its own user
+# (tests/test_systemd_start.py); redis-server: the Redis session store tests; chromium: the browser the console test
+# drives (Playwright uses it, no browser download); fonts-noto-cjk: Chinese text in its screenshot.
+SYSTEM_PACKAGES := espeak-ng sox shellcheck systemd nginx-light openssl prometheus curl acl util-linux passwd redis-server \
+	chromium fonts-noto-cjk
 
 .PHONY: run test venv venv-dev system-deps lint typecheck pytest bench docs clean
 

@@ -123,6 +123,8 @@ class Settings(BaseSettings):
     max_ended_sessions_per_connection: int = Field(100, ge=1, le=100_000)
     runtime_dir: Path | None = None
     metrics_token: SecretStr | None = None
+    # The browser console at /console (server/console/); false answers 404 there.
+    console_enabled: bool = True
 
     # Session store: SQLite in STATE_DIR unless SESSION_STORE_URL names a Redis server. Sessions stay
     # resumable for SESSION_RESUME_WINDOW seconds after their last activity, then they are purged.

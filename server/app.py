@@ -25,6 +25,7 @@ from config import SERVICE_NAME, VERSION, Settings, load_settings
 from config.logs import configure_logging
 from server import metrics
 from server.admission import ConnectionCounter, client_address, origin_allowed
+from server.console_routes import register_console_routes
 from server.conversation import Conversation, Services
 from server.engines import build_generations, build_provider, build_transcriber
 from server.metrics_endpoint import register_metrics_route
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> App:
     _register_listeners(app, settings)
     _register_routes(app)
     register_metrics_route(app)
+    register_console_routes(app)
     return app
 
 
