@@ -27,6 +27,7 @@ from sanic.response import HTTPResponse, json
 from sanic_ext import openapi
 
 from config import VERSION, Settings
+from server.memory_limit import MemoryLimit
 from server.process_metrics import ServiceCollector
 
 log = logging.getLogger("server.metrics")
@@ -74,6 +75,7 @@ def build_registry(settings: Settings) -> CollectorRegistry:
     registry.register(WorkerMetricFiles(Path(directory)))
     registry.register(ServiceCollector(settings.pool_dir if settings.stt_mode == "vosk" else None))
     registry.register(BuildInfo(settings))
+    registry.register(MemoryLimit())
     return registry
 
 
