@@ -29,6 +29,7 @@ from typing import Any
 import psutil
 import websockets
 
+from bench.charts import LatencyRow, SttFigures, save_and_draw
 from bench.stats import percentile
 from harness.client import ProtocolClient
 from harness.server import ROOT, ServerProcess, free_port
@@ -229,7 +230,7 @@ async def concurrent_p95(stream: Stream, streams: int, seconds: float) -> float:
     return percentile(list(await asyncio.gather(*(staggered(i) for i in range(streams)))), 0.95)
 
 
-async def capacity(stream: Stream, limit: float) -> tuple[int, list[str]]:
+async def capacity(stream: Stream, limit: float, points: list[tuple[int, float]]) -> tuple[int, list[str]]:
     """Largest number of concurrent real-time streams with p95 final latency <= 500 ms.
 
     Tried at 40 %, 50 %, ... of the decoding limit, each stream saying something else.
@@ -239,13 +240,14 @@ async def capacity(stream: Stream, limit: float) -> tuple[int, list[str]]:
     for streams in levels:
         p95 = await concurrent_p95(stream, streams, 8.0)
         trail.append(f"{streams}:{p95 * 1000:.0f}ms")
+        points.append((streams, p95))
         if p95 > LATENCY_TARGET:
             break
         best = streams
     return best, trail
 
 
-async def latency_table(pool: Stream, base: Stream, rtf: float) -> None:
+async def latency_table(pool: Stream, base: Stream, rtf: float, figures: SttFigures) -> None:
     print("\nfinal-transcript latency, idle server (message_end -> final text), median of repeats")
     print(f"{'utterance':>24} {'pool p50':>9} {'pool p95':>9} {'baseline p50':>13} {'decode-at-end':>14}")
     rows = ((1, 0.0, 8), (10, 0.0, 5), (30, 0.0, 3), (10, 0.6, 5))
@@ -253,6 +255,16 @@ async def latency_table(pool: Stream, base: Stream, rtf: float) -> None:
         ours = await latencies(pool, seconds, silence, repeats)
         theirs = await latencies(base, seconds, silence, max(2, repeats // 2))
         label = f"{seconds} s, " + (f"stop {silence} s after" if silence else "cut mid-word")
+        figures.latency.append(
+            LatencyRow(
+                label,
+                seconds,
+                statistics.median(ours),
+                percentile(ours, 0.95),
+                statistics.median(theirs),
+                rtf * seconds,
+            )
+        )
         print(
             f"{label:>24} {statistics.median(ours) * 1000:>7.0f}ms {percentile(ours, 0.95) * 1000:>7.0f}ms"
             f" {statistics.median(theirs) * 1000:>11.0f}ms {rtf * seconds * 1000:>12.0f}ms"
@@ -291,6 +303,7 @@ async def run() -> None:
     limit = CORES / rtf
     print(f"single-thread real-time factor: {rtf:.3f}  ->  decoding limit = {CORES} / {rtf:.3f} = {limit:.1f} streams")
     recogniser_reuse_cost(model_dir)
+    figures = SttFigures(cores=CORES, rtf=rtf, decoding_limit=limit, latency_target=LATENCY_TARGET)
 
     baseline, port = start_baseline(model_dir)
     try:
@@ -298,10 +311,10 @@ async def run() -> None:
             VOSK_MODEL_PATH=model_dir, STT_WORKERS=CORES, STT_STREAMS_PER_WORKER=64, STT_TIMEOUT=600
         ) as service:
             pool, base = pool_stream(service), baseline_stream(port)
-            await latency_table(pool, base, rtf)
+            await latency_table(pool, base, rtf, figures)
             print("\nconcurrent real-time 8 s streams with p95 final latency <= 500 ms (streams:p95 tried)")
-            ours_n, ours_trail = await capacity(pool, limit)
-            theirs_n, theirs_trail = await capacity(base, limit)
+            ours_n, ours_trail = await capacity(pool, limit, figures.concurrency.setdefault("pool", []))
+            theirs_n, theirs_trail = await capacity(base, limit, figures.concurrency.setdefault("baseline", []))
             for name, count, trail in (("pool", ours_n, ours_trail), ("baseline", theirs_n, theirs_trail)):
                 print(
                     f"  {name:<9}: {count:>3} streams = {count / limit:.0%} of the decoding limit   ({' '.join(trail)})"
@@ -316,6 +329,7 @@ async def run() -> None:
     for workers in (1, 2, 4):
         pss, model_rss = pool_memory(model_dir, workers)
         print(f"  {workers} workers: PSS {pss:7.0f} MiB   model RSS {model_rss:6.0f} MiB   ratio {pss / model_rss:.2f}")
+    save_and_draw(figures)
 
 
 def main() -> None:
