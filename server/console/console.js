@@ -121,6 +121,7 @@ const handlers = {
     const kind = data.kind === "opinions" ? "opinions" : "replies";
     if (state.streamed[kind] !== data.request_id) {
       state.streamed[kind] = data.request_id;
+      if (kind === "replies") state.repliesAnswered = false;
       clearList(kind);
     }
     placeSuggestion(kind, data.index, data.text, true);
@@ -288,15 +289,15 @@ function onWorkletMessage(data) {
   if (!recording) return;
   if (data.pcm) {
     recording.chunks.push(data.pcm);
-    if (!recording.refused) {
-      send("audio_stream", {
-        session_id: recording.sessionId,
-        audio_chunk: pcmToBase64(data.pcm),
-        format: "pcm16",
-        sample_rate: SAMPLE_RATE,
-        channels: 1,
-      });
-    }
+    const chunk = {
+      session_id: recording.sessionId,
+      audio_chunk: pcmToBase64(data.pcm),
+      format: "pcm16",
+      sample_rate: SAMPLE_RATE,
+      channels: 1,
+    };
+    // A recording the server refused, or whose connection dropped, sends nothing more (one error shown).
+    if (!recording.refused && !send("audio_stream", chunk)) recording.refused = true;
   } else if (data.done) {
     state.recording = null;
     if (!recording.refused && send("message_end", { session_id: recording.sessionId })) {
@@ -497,6 +498,7 @@ function wire() {
     if (event.code === "Space") releaseRecord();
   });
   record.addEventListener("blur", releaseRecord);
+  record.addEventListener("contextmenu", (event) => event.preventDefault()); // long press on touch screens
 }
 
 wire();
