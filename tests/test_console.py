@@ -143,11 +143,11 @@ async def converse(page: Page, url: str, server: ServerProcess, screenshot: Path
     # The recorded message makes the server offer opinion keywords; one of them asks for replies.
     opinions = page.locator("#opinions button")
     await expect(opinions.first).to_be_enabled()
-    await expect(page.locator("#status")).to_have_text("状态：正在生成观点建议")
+    await expect(page.locator("#status")).to_have_text("状态：观点关键词已就绪")
     await opinions.first.click()
     replies = page.locator("#replies button")
     await expect(replies).to_have_count(RESPONSE_COUNT)
-    await expect(page.locator("#status")).to_have_text("状态：正在生成回复建议")
+    await expect(page.locator("#status")).to_have_text("状态：回复建议已就绪")
     chosen = await replies.nth(1).text_content()
     assert chosen
     await replies.nth(1).click()

@@ -105,8 +105,7 @@ const handlers = {
     $("session").textContent = `会话已恢复：${data.session_id}（${data.message_count} 条消息）`;
   },
   status_update(data) {
-    $("status").textContent = `状态：${data.message || data.status}`;
-    $("status").dataset.status = data.status;
+    setStatus(data.message || data.status);
   },
   transcript_partial(data) {
     $("partial").textContent = data.text;
@@ -116,6 +115,7 @@ const handlers = {
     // Recorded speech is `msg_NNN`; the reply the user picked is `usr_NNN`.
     const audio = data.message_id.startsWith("msg_") ? state.pendingAudio.shift() : null;
     addMessage(data, audio);
+    setStatus("消息已记录");
   },
   suggestion_partial(data) {
     const kind = data.kind === "opinions" ? "opinions" : "replies";
@@ -130,12 +130,15 @@ const handlers = {
     state.streamed.opinions = null;
     clearList("opinions");
     data.suggestions.forEach((text, index) => placeSuggestion("opinions", index, text, false));
+    // The server sends no status_update(idle) by default: the result itself ends the wait.
+    setStatus("观点关键词已就绪");
   },
   llm_response(data) {
     state.streamed.replies = null;
     state.repliesAnswered = false;
     clearList("replies");
     data.suggestions.forEach((text, index) => placeSuggestion("replies", index, text, false));
+    setStatus("回复建议已就绪");
   },
   error(data) {
     showError(data);
@@ -375,6 +378,10 @@ function wavBlob(chunks) {
 
 // ------------------------------------------------------------------------------------------
 // Rendering
+
+function setStatus(text) {
+  $("status").textContent = `状态：${text}`;
+}
 
 function clearList(id) {
   $(id).replaceChildren();
