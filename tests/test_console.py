@@ -9,6 +9,7 @@ PCM through the same server with a plain WebSocket client: the page must show ex
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
 import re
 import shutil
@@ -195,9 +196,20 @@ async def test_console_over_https_through_the_nginx_site(
 
 
 def test_console_files_are_served_with_their_types(mock_server: ServerProcess) -> None:
-    status, page = http_get(mock_server.base_url + "/console")
-    assert status == 200
+    connection = http.client.HTTPConnection("127.0.0.1", mock_server.port, timeout=5)
+    connection.request("GET", "/console")
+    response = connection.getresponse()
+    page = response.read()
+    assert response.status == 200
+    assert response.getheader("Content-Type") == "text/html; charset=utf-8"
+    assert "script-src 'self'" in (response.getheader("Content-Security-Policy") or "")
     assert b'src="console/console.js"' in page
+    # With a trailing slash the page's relative URLs would miss: it moves to /console.
+    connection.request("GET", "/console/")
+    response = connection.getresponse()
+    response.read()
+    assert (response.status, response.getheader("Location")) == (301, "../console")
+    connection.close()
     for asset, kind in (("console.js", b"function"), ("pcm-worklet.js", b"registerProcessor"), ("console.css", b"{")):
         status, body = http_get(f"{mock_server.base_url}/console/{asset}")
         assert status == 200, asset
