@@ -29,9 +29,8 @@ const state = {
   connected: false,
   reconnectDelay: 500,
   sessionId: null,
-  responseCount: 3,
   microphone: null, // {context, node, stream}
-  recording: null, // {chunks: Int16Array[], refused: bool, finished: Promise}
+  recording: null, // {sessionId, chunks: Int16Array[] sent so far, refused: bool}
   holding: false,
   pendingAudio: [], // sent recordings (WAV blobs) waiting for their message_recorded, in order
   streamed: { opinions: null, replies: null }, // request_id of the list being filled by suggestion_partial
@@ -193,9 +192,8 @@ function targetProfile() {
 function startConversation(event) {
   event.preventDefault();
   if (state.sessionId) send("conversation_end", { session_id: state.sessionId });
-  state.responseCount = Number($("response-count").value);
   const data = {
-    response_count: state.responseCount,
+    response_count: Number($("response-count").value),
     scenario_description: $("scenario").value.trim(),
     options: { partial_transcripts: $("opt-partials").checked, stream_suggestions: $("opt-stream").checked },
   };
