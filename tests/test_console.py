@@ -21,10 +21,10 @@ import orjson
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from tests.support.client import ProtocolClient
+from harness.client import ProtocolClient
+from harness.server import ROOT, ServerProcess, http_get
+from harness.speech import FIXTURES, deterministic_model
 from tests.support.nginx import Nginx, self_signed_certificate, tls_site
-from tests.support.server import ROOT, ServerProcess, http_get
-from tests.support.speech import FIXTURES, deterministic_model
 
 CHROMIUM = "/usr/bin/chromium"
 MICROPHONE_FIXTURE = FIXTURES / "ko_console.wav"

@@ -20,11 +20,11 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.client import ProtocolClient
+from harness.fake_openrouter import FakeOpenRouter
+from harness.server import ROOT, ServerProcess, http_get
+from harness.speech import deterministic_model, read_pcm
 from server.memory_limit import memory_limit_bytes
-from tests.support.client import ProtocolClient
-from tests.support.fake_openrouter import FakeOpenRouter
-from tests.support.server import ROOT, ServerProcess, http_get
-from tests.support.speech import deterministic_model, read_pcm
 
 DASHBOARD = ROOT / "service" / "grafana" / "ai-dialogue-backend.json"
 PROVISIONING = ROOT / "service" / "grafana" / "dashboards.yml"
@@ -117,9 +117,7 @@ async def _converse(server: ServerProcess) -> None:
     async with ProtocolClient(server.ws_url) as client:
         session_id = await client.start_session(scenario_description="在药店买药")
         await client.record(session_id, read_pcm("ko_short.wav"))
-        await client.send("manual_generate", session_id=session_id)
-        await client.expect_status("generating_response", session_id)
-        await client.expect("llm_response", session_id=session_id)
+        await client.generate_replies(session_id, 3)
         await client.send("audio_stream", session_id=session_id, audio_chunk=base64.b64encode(b"\0\0").decode())
         await client.expect_error("NO_ACTIVE_MESSAGE")
 
