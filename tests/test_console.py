@@ -205,6 +205,12 @@ async def converse(page: Page, url: str, server: ServerProcess, screenshot: Path
         log = await event_log(page)
         assert await opinions.all_text_contents() == streamed_before_final(log, "opinions", "opinion_suggestions")
         assert await replies.all_text_contents() == streamed_before_final(log, "replies", "llm_response")
+    # A modification asks for the replies again (user_modification -> llm_response).
+    await page.fill("#modification", "更礼貌一些")
+    await page.click("#modify")
+    await expect(page.locator("#modification")).to_have_value("")
+    await expect(page.locator("#log li").first).to_contain_text("← llm_response", timeout=30_000)
+    await expect(replies).to_have_count(RESPONSE_COUNT)
     chosen = await replies.nth(1).text_content()
     assert chosen
     await replies.nth(1).click()
