@@ -9,6 +9,7 @@ PCM through the same server with a plain WebSocket client: the page must show ex
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.client
 import io
 import re
@@ -23,9 +24,10 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from harness.client import ProtocolClient
-from harness.fake_openrouter import FakeOpenRouter, Reply
+from harness.fake_openrouter import PREDICTION, FakeOpenRouter, Reply
 from harness.server import ROOT, ServerProcess, http_get
 from harness.speech import FIXTURES, deterministic_model
+from llm.mock import MOCK_PREDICTION
 from tests.support.nginx import Nginx, self_signed_certificate, tls_site
 
 CHROMIUM = "/usr/bin/chromium"
@@ -219,6 +221,10 @@ async def converse(page: Page, url: str, server: ServerProcess, screenshot: Path
     assert await mine.locator(".text").text_content() == chosen
     await expect(mine.locator(".sender")).to_have_text("我")
     await expect(page.locator("#speech")).to_contain_text("朗读")
+    prediction = PREDICTION if provider else dataclasses.asdict(MOCK_PREDICTION)
+    await expect(page.locator("#prediction")).to_have_text(
+        f"对方可能的反应：{prediction['tendency']}；情绪：{prediction['mood']}；语气：{prediction['tone']}"
+    )
     await expect(page.locator("#errors li")).to_have_count(0)
     assert script_errors == []
 

@@ -17,6 +17,7 @@ const EVENT_NAMES = {
   opinion_suggestions: "观点关键词",
   llm_response: "回复建议",
   suggestion_partial: "逐条建议",
+  opinion_prediction_response: "反应预测",
   transcript_partial: "实时字幕",
   status_update: "状态",
   error: "错误",
@@ -139,6 +140,10 @@ const handlers = {
     data.suggestions.forEach((text, index) => placeSuggestion("replies", index, text, false));
     setStatus("回复建议已就绪");
   },
+  opinion_prediction_response(data) {
+    const { tendency, mood, tone } = data.prediction;
+    $("prediction").textContent = `对方可能的反应：${tendency}；情绪：${mood}；语气：${tone}`;
+  },
   error(data) {
     showError(data);
     if (data.error_code === "STT_OVERLOADED" && state.recording) state.recording.refused = true;
@@ -195,7 +200,11 @@ function startConversation(event) {
   const data = {
     response_count: Number($("response-count").value),
     scenario_description: $("scenario").value.trim(),
-    options: { partial_transcripts: $("opt-partials").checked, stream_suggestions: $("opt-stream").checked },
+    options: {
+      partial_transcripts: $("opt-partials").checked,
+      stream_suggestions: $("opt-stream").checked,
+      opinion_prediction: $("opt-prediction").checked,
+    },
   };
   const profile = targetProfile();
   if (profile) data.target_profile = profile;
@@ -231,6 +240,7 @@ function pickReply(text, button) {
   if (state.repliesAnswered) return;
   if (!send("user_selected_response", { session_id: state.sessionId, selected_content: text, sender: ME })) return;
   state.repliesAnswered = true;
+  $("prediction").textContent = "";
   for (const other of $("replies").querySelectorAll("button")) other.disabled = other !== button;
   button.classList.add("chosen");
   speak(text);
