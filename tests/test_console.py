@@ -156,12 +156,31 @@ def streamed_before_final(log: list[tuple[str, str, dict[str, Any]]], kind: str,
     return texts
 
 
+async def page_state(page: Page) -> str:
+    """What the page showed, for a failure's message: connection, status, errors, latest events."""
+    parts = [
+        await page.locator("#connection").text_content() or "",
+        await page.locator("#status").text_content() or "",
+        *await page.locator("#errors li").all_text_contents(),
+        *(await page.locator("#log li").all_text_contents())[:40],
+    ]
+    return "\n".join(parts)
+
+
 async def converse(page: Page, url: str, server: ServerProcess, screenshot: Path, *, provider: bool) -> None:
     """One conversation through the page, checked against the pool at every step.
 
     `provider`: suggestions come from the OpenRouter client (streamed to the page), else from the
     labelled mock.
     """
+    try:
+        await _converse(page, url, server, screenshot, provider=provider)
+    except AssertionError as failure:
+        shown = await page_state(page)
+        raise AssertionError(f"{failure}\n-- the page showed (newest events first):\n{shown}") from None
+
+
+async def _converse(page: Page, url: str, server: ServerProcess, screenshot: Path, *, provider: bool) -> None:
     script_errors: list[Exception] = []
     page.on("pageerror", lambda error: script_errors.append(error))  # noqa: PLW0108 (Playwright needs a Python function)
     await page.goto(url)
