@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness.client import ProtocolClient
 from harness.fake_openrouter import PREDICTION, FakeOpenRouter, Reply
@@ -281,6 +282,32 @@ async def test_console_over_https_through_the_nginx_site_with_streamed_suggestio
         else:
             raise AssertionError(f"the page did not speak wss through nginx:\n{access_log.read_text()}")
         assert re.search(r'"GET /console HTTP/[\d.]+" 200', access_log.read_text())
+
+
+def heartbeats_received(server: ServerProcess) -> float:
+    status, body = http_get(server.base_url + "/metrics")
+    assert status == 200
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == "adb_client_events_total" and sample.labels.get("type") == "heartbeat":
+                return sample.value
+    return 0.0
+
+
+async def test_an_idle_console_sends_heartbeats(mock_server: ServerProcess, browser: Browser) -> None:
+    """The server closes a connection silent for WEBSOCKET_TIMEOUT; an open page keeps its own alive."""
+    page = await new_page(browser)
+    await page.clock.install()
+    await page.goto(mock_server.base_url + "/console")
+    await expect(page.locator("#connection")).to_have_text("已连接")
+    before = heartbeats_received(mock_server)
+    await page.clock.run_for(3 * 60_000 + 1000)
+    for _ in range(50):
+        if heartbeats_received(mock_server) >= before + 3:
+            break
+        await asyncio.sleep(0.1)
+    assert heartbeats_received(mock_server) == before + 3
+    await page.context.close()
 
 
 def test_console_files_are_served_with_their_types(mock_server: ServerProcess) -> None:

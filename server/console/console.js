@@ -6,6 +6,8 @@ const CHUNK_SAMPLES = SAMPLE_RATE / 4; // 0.25 s per audio_stream chunk
 const OTHER = "对方";
 const ME = "我";
 const LOG_LIMIT = 200;
+// The server closes a connection that sends nothing for WEBSOCKET_TIMEOUT (default 300 s).
+const HEARTBEAT_MS = 60000;
 
 const STT_MODES = { vosk: "Vosk 真实识别", mock: "模拟识别（mock）" };
 const LLM_MODES = { openrouter: "OpenRouter 真实生成", mock: "模拟生成（mock）" };
@@ -78,7 +80,7 @@ function send(type, data) {
     return false;
   }
   state.ws.send(JSON.stringify({ type, data }));
-  if (type !== "audio_stream") logEvent("→", type, data);
+  if (type !== "audio_stream" && type !== "heartbeat") logEvent("→", type, data);
   return true;
 }
 
@@ -520,3 +522,4 @@ wire();
 connect();
 refreshEngines();
 window.setInterval(refreshEngines, 15000);
+window.setInterval(() => state.connected && send("heartbeat", {}), HEARTBEAT_MS);
