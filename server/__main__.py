@@ -62,9 +62,13 @@ def main() -> int:
     try:
         settings = load_settings()
         if settings.stt_mode == "vosk":
+            from stt_pool.errors import InvalidModel
             from stt_pool.model import check_model_dir
 
-            check_model_dir(settings.vosk_model_path)
+            try:
+                check_model_dir(settings.vosk_model_path)
+            except InvalidModel as error:
+                raise ConfigError(f"invalid setting VOSK_MODEL_PATH ({error})") from None
         check_port_free(settings.host, settings.port)
         prepare_runtime_dir(settings)
     except ConfigError as error:

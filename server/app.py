@@ -31,7 +31,7 @@ from server.engines import build_generations, build_provider, build_transcriber
 from server.metrics_endpoint import register_metrics_route
 from server.protocol import encode
 from server.sessions import SessionStore
-from stt_pool.supervisor import POOL_PROCESS_NAME, run_supervisor
+from stt_pool.layout import POOL_PROCESS_NAME
 
 log = logging.getLogger("server.app")
 
@@ -83,6 +83,9 @@ def _register_listeners(app: App, settings: Settings) -> None:
     @app.main_process_ready
     async def start_stt_pool(app: App) -> None:
         if settings.stt_mode == "vosk":
+            # Imported here, in the main process only: a Sanic worker never loads the decoding side.
+            from stt_pool.supervisor import run_supervisor
+
             app.manager.manage(POOL_PROCESS_NAME, run_supervisor, {"settings": settings})
 
     @app.before_server_start

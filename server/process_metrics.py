@@ -23,8 +23,8 @@ import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from stt_pool.layout import POOL_PROCESS_NAME
 from stt_pool.status import PoolStatus, SlotState
-from stt_pool.supervisor import POOL_PROCESS_NAME
 
 SERVER_WORKER_NAME = re.compile(r"^Sanic-Server-(\d+)-\d+$")
 POOL_SUPERVISOR_NAME = re.compile(rf"^Sanic-{POOL_PROCESS_NAME}-\d+$")

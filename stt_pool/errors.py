@@ -23,3 +23,7 @@ class AudioTooLong(SttError):
 
 class SampleRateChanged(SttError):
     """A recording's sample rate cannot change once audio has been received (INVALID_EVENT_DATA)."""
+
+
+class InvalidModel(Exception):
+    """A model directory that cannot be a Vosk model; found before anything starts."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from config import ConfigError
+from stt_pool.errors import InvalidModel
 
 REQUIRED = ("am/final.mdl", "conf/mfcc.conf")
 GRAPHS = ("graph/HCLG.fst", "graph/HCLr.fst")
@@ -17,10 +17,7 @@ def check_model_dir(path: Path) -> None:
     if not any((path / name).is_file() for name in GRAPHS):
         missing.append(" or ".join(GRAPHS))
     if missing:
-        raise ConfigError(
-            f"invalid setting VOSK_MODEL_PATH ({path}): not a Vosk model, missing {', '.join(missing)}; "
-            "see model/README.md"
-        )
+        raise InvalidModel(f"{path}: not a Vosk model, missing {', '.join(missing)}; see model/README.md")
 
 
 def load_model(path: Path) -> Any:

@@ -33,9 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stt_pool.supervisor")
 
-# The name the pool process is registered under with Sanic's worker manager (Sanic calls it
-# "Sanic-<name>-<n>"); /metrics recognises the process by it.
-POOL_PROCESS_NAME = "STTPool"
 POLL_INTERVAL = 0.05
 HUNG_AFTER = 15.0
 MAX_BACKOFF = 5.0
