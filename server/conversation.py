@@ -50,7 +50,7 @@ from server.protocol import (
 )
 from server.recordings import Recording, Recordings
 from server.sessions import Session, SessionStore
-from stt_pool.errors import AudioTooLong, SampleRateChanged, SttError, SttOverloaded, SttTimeout
+from stt_pool.errors import AudioTooLong, BufferFull, SampleRateChanged, SttError, SttOverloaded, SttTimeout
 from stt_pool.interface import PartialCallback, Transcriber, TranscriptStream
 
 log = logging.getLogger("server.conversation")
@@ -166,14 +166,6 @@ class Conversation:
     async def _handle_frame(self, raw: str | bytes) -> None:
         session_id: str | None = None
         try:
-            # The limit is in bytes; a text frame arrives as str, whose non-ASCII characters take 2-4 bytes.
-            size = len(raw) if isinstance(raw, bytes) or raw.isascii() else len(raw.encode("utf-8", "replace"))
-            if size > self.services.settings.max_message_bytes:
-                raise ProtocolError(
-                    ErrorCode.INVALID_EVENT_DATA,
-                    "事件数据无效：消息过大，请把音频分成更小的片段发送",
-                    details=describe(bytes=size, limit=self.services.settings.max_message_bytes),
-                )
             event_type, data = parse_client_event(raw, self.limits)
             metrics.EVENTS.labels(event_type).inc()
             if isinstance(data, SessionEvent):
@@ -314,15 +306,15 @@ class Conversation:
             return
         recording = self._open_recording(session)
         if recording.full:
-            return  # AUDIO_TOO_LONG was answered once; the rest of the recording is dropped.
+            return  # AUDIO_TOO_LONG or a full buffer was answered once; the rest of the recording is dropped.
         settings = self.services.settings
         pcm, sample_rate = decode_chunk(data, settings.client_sample_rate, settings.audio_channels)
-        try:
-            with stt_errors(session.session_id, recording.stream):
+        with stt_errors(session.session_id, recording.stream):
+            try:
                 await self.recordings.append(recording, pcm, sample_rate)
-        except ProtocolError as error:
-            recording.full = error.code is ErrorCode.AUDIO_TOO_LONG
-            raise
+            except (AudioTooLong, BufferFull):
+                recording.full = True
+                raise
 
     async def on_message_end(self, session: Session, data: MessageEnd) -> None:
         if session.session_id in self.dropping:

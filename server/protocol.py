@@ -224,11 +224,10 @@ class AudioStream(SessionEvent):
     format: Annotated[str, StringConstraints(max_length=32)] | None = Field(
         None, description="The audio encoding: 16-bit PCM only, under any of its accepted names."
     )
-    sample_rate: Annotated[int, Field(ge=8000, le=48000), AfterValidator(_accepted_sample_rate)] | None = Field(
-        None,
-        description=f"Hz, one of {', '.join(map(str, SAMPLE_RATES))}; default `VOSK_SAMPLE_RATE`. "
-        "Fixed once a recording has audio.",
-    )
+    sample_rate: (
+        Annotated[int, Field(json_schema_extra={"enum": list(SAMPLE_RATES)}), AfterValidator(_accepted_sample_rate)]
+        | None
+    ) = Field(None, description="Hz; default `VOSK_SAMPLE_RATE`. Fixed once a recording has audio.")
     channels: Annotated[int, Field(ge=1, le=2)] | None = Field(
         None, description="1 (default) or 2; stereo is interleaved and downmixed by averaging."
     )

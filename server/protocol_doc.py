@@ -65,6 +65,8 @@ def _constraints(schema: dict[str, Any], strict: bool) -> list[str]:
         found.append("non-empty")
     if "minimum" in schema and "maximum" in schema:
         found.append(f"{schema['minimum']}–{schema['maximum']}")
+    if "enum" in schema:
+        found.append(_one_of(schema))
     if "x-limit" in schema:
         found.append(_limit(schema["x-limit"]))
     if "pattern" in schema:
@@ -126,9 +128,17 @@ def client_events() -> str:
     return "\n\n".join(sections)
 
 
+def _schema(model: type[BaseModel], name: str) -> dict[str, Any]:
+    return _non_null(model.model_json_schema()["properties"][name])
+
+
 def _range(model: type[BaseModel], name: str) -> str:
-    schema = _non_null(model.model_json_schema()["properties"][name])
+    schema = _schema(model, name)
     return f"{schema['minimum']}–{schema['maximum']}"
+
+
+def _one_of(schema: dict[str, Any]) -> str:
+    return "one of " + ", ".join(str(value) for value in schema["enum"])
 
 
 def render() -> str:
@@ -144,7 +154,7 @@ def render() -> str:
         "error_codes": "\n".join(f"| `{code.value}` | {ERROR_MESSAGES[code]} |" for code in ErrorCode),
         "options": field_table(SessionOptions),
         "pcm_formats": ", ".join(f"`{name}`" for name in sorted(PCM_FORMATS)),
-        "sample_rate_range": _range(AudioStream, "sample_rate"),
+        "sample_rates": _one_of(_schema(AudioStream, "sample_rate")),
         "channels_range": _range(AudioStream, "channels"),
         "default_sample_rate": defaults["vosk_sample_rate"],
         "max_message_bytes": defaults["max_message_bytes"],

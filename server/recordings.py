@@ -21,7 +21,7 @@ class Recording:
     session_id: str
     sender: str
     stream: TranscriptStream
-    # The stream refused audio beyond the maximum length; later chunks are dropped.
+    # The stream refused audio beyond the maximum length or its buffer space; later chunks are dropped.
     full: bool = False
     wall_clock: asyncio.Task[None] | None = None
 

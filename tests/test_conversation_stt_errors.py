@@ -94,3 +94,26 @@ async def test_a_failed_finish_at_the_wall_clock_limit_keeps_the_recording_for_m
         await client.expect_error("STT_SERVICE_ERROR", session_id)
         recorded = await client.finish_recording(session_id, "msg_001")
         assert "1.0" in recorded["content"], "the audio was kept and message_end still works"
+
+
+async def test_a_full_buffer_is_answered_once_per_recording_and_what_was_stored_is_recorded(
+    connect: Connect, transcriber: FakeTranscriber
+) -> None:
+    transcriber.buffer_bytes = len(speech(1.0))
+    async with connect() as client:
+        session_id = await client.create_session()
+        await client.open_recording(session_id)
+        await client.send_audio(session_id, speech(1.0))
+        await client.send_audio(session_id, speech(0.5))
+        await client.expect_error("STT_SERVICE_ERROR", session_id)
+        # The app keeps streaming while the button is held: one error, not one per refused chunk.
+        await client.send_audio(session_id, speech(0.5))
+        await client.send_audio(session_id, speech(0.5))
+        recorded = await client.finish_recording(session_id, "msg_001")
+        assert "1.0" in recorded["content"], "what was stored before the buffer filled is transcribed"
+        await client.open_recording(session_id)
+        await client.send_audio(session_id, speech(0.5))
+        await client.send_audio(session_id, speech(1.0))
+        await client.expect_error("STT_SERVICE_ERROR", session_id)
+        recorded = await client.finish_recording(session_id, "msg_002")
+        assert "0.5" in recorded["content"], "the next recording gets its own refusal"

@@ -111,7 +111,7 @@ def test_default_sequences_name_every_client_event_and_audio_lists_every_format(
     audio = section(doc, "## Audio")
     for name in PCM_FORMATS:
         assert f"`{name}`" in audio
-    assert "8000–48000" in audio
+    assert "one of 8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000 Hz" in audio
     assert "MAX_RECORDING_SECONDS" in audio
     assert "MAX_MESSAGE_BYTES" in audio
 
@@ -144,6 +144,7 @@ def test_field_table_renders_type_requirement_constraints_and_description() -> N
         name: RequiredText = Field(description="A | name")
         count: ResponseCount
         rate: Annotated[int, Field(ge=8000, le=48000)] | None = None
+        rates: Annotated[int, Field(json_schema_extra={"enum": [8000, 16000]})] = 16000
         tags: list[RequiredText] = Field(default_factory=list)
         nested: HistoryMessage | None = None
 
@@ -154,6 +155,7 @@ def test_field_table_renders_type_requirement_constraints_and_description() -> N
         "| A \\| name |",
         "| `count` | integer | required | 1–5, exact type |  |",
         "| `rate` | integer or null | optional, default `null` | 8000–48000 |  |",
+        "| `rates` | integer | optional, default `16000` | one of 8000, 16000 |  |",
         "| `tags` | list of string | optional, default `[]` | items non-empty, "
         "items at most `MAX_TEXT_CHARS` characters (default 4000) |  |",
         "| `nested` | object (HistoryMessage) or null | optional, default `null` | — |  |",

@@ -63,12 +63,22 @@ async def test_a_session_is_not_found_from_another_connection(server: ServerProc
         await owner.still_works(owned)
 
 
-async def test_a_frame_beyond_four_times_the_limit_is_refused_by_the_websocket_layer(
-    limited_server: ServerProcess,
+@pytest.mark.parametrize(
+    "pad",
+    [
+        pytest.param("a" * LIMITED_MESSAGE_BYTES, id="ascii"),
+        # Half the limit in characters, 1.5 times in bytes: the limit counts UTF-8 bytes.
+        pytest.param("请更礼貌" * (LIMITED_MESSAGE_BYTES // 8), id="utf8-bytes-not-characters"),
+    ],
+)
+async def test_a_frame_above_the_limit_is_closed_1009_and_the_service_goes_on(
+    limited_server: ServerProcess, pad: str
 ) -> None:
     async with ProtocolClient(limited_server.ws_url) as client:
         await client.create_session()
-        await client.send_raw(orjson.dumps({"type": "audio_stream", "data": {"pad": "a" * 5 * LIMITED_MESSAGE_BYTES}}))
+        frame = orjson.dumps({"type": "user_modification", "data": {"pad": pad}}).decode()
+        assert len(frame.encode()) > LIMITED_MESSAGE_BYTES
+        await client.send_raw(frame)
         with pytest.raises(websockets.ConnectionClosedError) as closed:
             await client.recv()
         assert closed.value.rcvd is not None

@@ -21,14 +21,15 @@ from server.conversation import Conversation, Services
 from server.generation import GenerationManager
 from server.protocol import Event, encode
 from server.sessions import SessionStore
-from stt_pool.errors import SttError, SttOverloaded
+from stt_pool.errors import BufferFull, SttError, SttOverloaded
 from stt_pool.interface import PartialCallback, Transcriber, TranscriptStream
 from stt_pool.mock import MockTranscriber
 
 
 class FakeTranscriber(MockTranscriber):
     """The mock transcriber, plus failures queued by the test (`refuse` for opens, `fail_finish` for
-    finishes) and an optional capacity: beyond `capacity` open streams, opens are SttOverloaded."""
+    finishes), an optional capacity (beyond `capacity` open streams, opens are SttOverloaded) and
+    an optional buffer size (a stream refuses PCM beyond `buffer_bytes` with BufferFull)."""
 
     def __init__(self, sample_rate: int, max_seconds: float, capacity: int | None = None) -> None:
         super().__init__(sample_rate, max_seconds)
@@ -36,6 +37,7 @@ class FakeTranscriber(MockTranscriber):
         self.finish_failures: deque[SttError] = deque()
         self.capacity = capacity
         self.open_streams = 0
+        self.buffer_bytes: int | None = None
 
     def refuse(self, error: SttError, times: int = 1) -> None:
         self.refusals.extend([error] * times)
@@ -49,8 +51,13 @@ class FakeTranscriber(MockTranscriber):
         if self.capacity is not None and self.open_streams >= self.capacity:
             raise SttOverloaded("every decoder is busy")
         stream = await super().open_stream(on_partial)
-        finish, abort = stream.finish, stream.abort
+        finish, abort, store = stream.finish, stream.abort, stream._store
         self.open_streams += 1
+
+        async def store_or_refuse(pcm: bytes) -> None:
+            if self.buffer_bytes is not None and stream.received_bytes + len(pcm) > self.buffer_bytes:
+                raise BufferFull("no space for the audio buffer")
+            await store(pcm)
 
         async def finish_or_fail() -> str:
             if self.finish_failures:
@@ -65,6 +72,7 @@ class FakeTranscriber(MockTranscriber):
 
         stream.finish = finish_or_fail  # type: ignore[method-assign]
         stream.abort = release  # type: ignore[method-assign]
+        stream._store = store_or_refuse  # type: ignore[method-assign]
         return stream
 
 
