@@ -15,7 +15,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := espeak-ng sox shellcheck systemd nginx-light openssl prometheus curl acl util-linux passwd redis-server \
 	chromium fonts-noto-cjk
 
-.PHONY: run test venv venv-dev system-deps lint typecheck pytest bench docs clean
+.PHONY: run test venv venv-dev system-deps lint typecheck pytest bench soak docs clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ test: system-deps venv-dev lint typecheck pytest
 
 bench: venv-dev
 	$(PY) -m bench
+
+# The chaos test for ten minutes (bench/soak.py); SOAK_ARGS="--seconds 60 --seed 1" to change it.
+soak: venv-dev
+	$(PY) -m bench.soak --seconds 600 $(SOAK_ARGS)
 
 docs: venv-dev
 	$(PY) -m server.protocol_doc > docs/PROTOCOL.md

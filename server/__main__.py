@@ -68,7 +68,7 @@ def main() -> int:
             try:
                 check_model_dir(settings.vosk_model_path)
             except InvalidModel as error:
-                raise ConfigError(f"invalid setting VOSK_MODEL_PATH ({error})") from None
+                raise ConfigError(f"invalid setting VOSK_MODEL_PATH ({settings.vosk_model_path}): {error}") from None
         check_port_free(settings.host, settings.port)
         prepare_runtime_dir(settings)
     except ConfigError as error:

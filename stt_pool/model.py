@@ -17,7 +17,7 @@ def check_model_dir(path: Path) -> None:
     if not any((path / name).is_file() for name in GRAPHS):
         missing.append(" or ".join(GRAPHS))
     if missing:
-        raise InvalidModel(f"{path}: not a Vosk model, missing {', '.join(missing)}; see model/README.md")
+        raise InvalidModel(f"not a Vosk model, missing {', '.join(missing)}; see model/README.md")
 
 
 def load_model(path: Path) -> Any:
