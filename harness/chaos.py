@@ -14,7 +14,6 @@ share all of this.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import random
@@ -32,7 +31,7 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness.chaos_events import Frame, audio_fault, event, session_frame, stray_frame
-from harness.client import ProtocolClient
+from harness.client import ProtocolClient, b64
 from harness.server import ServerProcess, http_get
 from harness.speech import read_pcm
 from stt_pool.layout import buffer_dir
@@ -214,7 +213,7 @@ async def record(ctx: Context, conn: ChaosConnection, rng: random.Random) -> Non
         if drop == "mid" and offset >= drop_at:
             break
         chunk = pcm[offset : offset + 2 * rng.randint(800, 16000)]
-        await conn.send_event("audio_stream", session_id=session_id, audio_chunk=base64.b64encode(chunk).decode())
+        await conn.send_event("audio_stream", session_id=session_id, audio_chunk=b64(chunk))
         offset += len(chunk)
         if rng.random() < 0.12:
             kind, frame = audio_fault(rng, session_id)

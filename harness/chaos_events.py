@@ -8,12 +8,13 @@ Every frame stays within the default frame limit: the 1009 close has its own sce
 
 from __future__ import annotations
 
-import base64
 import random
 from collections.abc import Callable
 from typing import Any
 
 import orjson
+
+from harness.client import b64
 
 Frame = str | bytes
 TEXT_LIMIT = 4000  # MAX_TEXT_CHARS's default: one more character is INVALID_EVENT_DATA
@@ -52,16 +53,14 @@ STRAY: dict[str, Callable[[random.Random], Frame]] = {
         sender="对方",
     ),
     "audio_unknown_session": lambda rng: event(
-        "audio_stream", session_id=_unknown_session(rng), audio_chunk=base64.b64encode(bytes(3200)).decode()
+        "audio_stream", session_id=_unknown_session(rng), audio_chunk=b64(bytes(3200))
     ),
     "binary_garbage": lambda rng: rng.randbytes(rng.randint(1, 2000)),
     "binary_truncated_json": lambda rng: orjson.dumps({"type": "heartbeat", "data": {"a": 1}})[:-3],
 }
 
 SESSION: dict[str, Callable[[random.Random, str], Frame]] = {
-    "audio_without_message_start": lambda rng, sid: event(
-        "audio_stream", session_id=sid, audio_chunk=base64.b64encode(bytes(3200)).decode()
-    ),
+    "audio_without_message_start": lambda rng, sid: event("audio_stream", session_id=sid, audio_chunk=b64(bytes(3200))),
     "message_end_without_start": lambda rng, sid: event("message_end", session_id=sid),
     "oversize_modification": lambda rng, sid: event(
         "user_modification", session_id=sid, modification="x" * (TEXT_LIMIT + rng.randint(1, 100_000))
@@ -80,22 +79,18 @@ AUDIO: dict[str, Callable[[random.Random, str], Frame]] = {
     "bad_base64": lambda rng, sid: event(
         "audio_stream", session_id=sid, audio_chunk=rng.choice(["!!!!", "abc", "YWJj\n===", "☃"])
     ),
-    "odd_bytes": lambda rng, sid: event("audio_stream", session_id=sid, audio_chunk=base64.b64encode(b"abc").decode()),
+    "odd_bytes": lambda rng, sid: event("audio_stream", session_id=sid, audio_chunk=b64(b"abc")),
     "unaccepted_rate": lambda rng, sid: event(
         "audio_stream",
         session_id=sid,
-        audio_chunk=base64.b64encode(bytes(3200)).decode(),
+        audio_chunk=b64(bytes(3200)),
         sample_rate=rng.choice([12345, 96000, 7999, 0, -16000]),
     ),
     "rate_changed": lambda rng, sid: event(
-        "audio_stream", session_id=sid, audio_chunk=base64.b64encode(bytes(1600)).decode(), sample_rate=8000
+        "audio_stream", session_id=sid, audio_chunk=b64(bytes(1600)), sample_rate=8000
     ),
-    "not_pcm": lambda rng, sid: event(
-        "audio_stream", session_id=sid, audio_chunk=base64.b64encode(bytes(3200)).decode(), format="mp3"
-    ),
-    "three_channels": lambda rng, sid: event(
-        "audio_stream", session_id=sid, audio_chunk=base64.b64encode(bytes(3000)).decode(), channels=3
-    ),
+    "not_pcm": lambda rng, sid: event("audio_stream", session_id=sid, audio_chunk=b64(bytes(3200)), format="mp3"),
+    "three_channels": lambda rng, sid: event("audio_stream", session_id=sid, audio_chunk=b64(bytes(3000)), channels=3),
     "empty_chunk": lambda rng, sid: event("audio_stream", session_id=sid, audio_chunk=""),
 }
 

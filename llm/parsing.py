@@ -9,7 +9,7 @@ never invents text to fill the gap).
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -28,11 +28,7 @@ OPINION_TRAILING_PUNCTUATION = "。.!！?？,，;；、"
 
 def parse_suggestions(text: str) -> list[str]:
     """The suggestions found in a model's answer, cleaned and de-duplicated, in order."""
-    for candidate in _json_candidates(text):
-        try:
-            value = orjson.loads(candidate)
-        except orjson.JSONDecodeError:
-            continue
+    for value in _json_values(text):
         items = items_from_json(value)
         if items is not None:
             return clean_items(items)
@@ -58,6 +54,15 @@ def clean_opinions(items: Iterable[str]) -> list[str]:
     """Opinion keywords without trailing punctuation; sentences posing as keywords are rejected."""
     keywords = (item.rstrip(OPINION_TRAILING_PUNCTUATION).strip() for item in items)
     return clean_items(keyword for keyword in keywords if len(keyword) <= OPINION_MAX_CHARS)
+
+
+def _json_values(text: str) -> Iterator[Any]:
+    """Every JSON value found in the answer: the whole text, a fenced block, the outermost braces or brackets."""
+    for candidate in _json_candidates(text):
+        try:
+            yield orjson.loads(candidate)
+        except orjson.JSONDecodeError:
+            continue
 
 
 def _json_candidates(text: str) -> Iterable[str]:
@@ -104,11 +109,7 @@ PREDICTION_MAX_CHARS = 40
 
 def parse_prediction(text: str) -> dict[str, str] | None:
     """The three fields of a reaction prediction, each one short line; None unless all three are there."""
-    for candidate in _json_candidates(text):
-        try:
-            value = orjson.loads(candidate)
-        except orjson.JSONDecodeError:
-            continue
+    for value in _json_values(text):
         if not isinstance(value, dict):
             continue
         fields = {name: " ".join(str(value.get(name) or "").split()).strip(QUOTES) for name in PREDICTION_FIELDS}
