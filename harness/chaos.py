@@ -425,6 +425,7 @@ class Aftermath:
     pcm_files: list[str]
     workers: dict[int, str]
     rss: dict[int, int]
+    stt_health: str
     waited: float
 
     @property
@@ -454,9 +455,11 @@ async def settle(server: ServerProcess, decoders: int) -> Aftermath:
             pcm_files=pcm_files(runtime_dir),
             workers=workers,
             rss=resident_memory(list(workers)),
+            stt_health=server.health()["services"]["stt_service"],
             waited=time.monotonic() - started,
         )
-        if (after.quiet and after.decoders_alive == decoders) or after.waited > SETTLE_WAIT:
+        healed = after.decoders_alive == decoders and after.stt_health == "healthy"
+        if (after.quiet and healed) or after.waited > SETTLE_WAIT:
             return after
         await asyncio.sleep(0.25)
 
@@ -479,6 +482,8 @@ class Report:
         found = list(self.tally.failures) + self.log_problems
         if self.after.workers != self.workers_before:
             found.append(f"Sanic workers changed: {self.workers_before} -> {self.after.workers}")
+        if self.after.stt_health != "healthy" or self.after.decoders_alive != len(self.after.streams):
+            found.append(f"the pool did not heal: {self.after.decoders_alive} decoders, {self.after.stt_health}")
         if not self.after.quiet:
             found.append(
                 f"left open after {self.after.waited:.0f} s: gauges {self.after.gauges}, "
@@ -515,7 +520,8 @@ class Report:
             "recordings: " + ", ".join(f"{kind} {count}" for kind, count in sorted(tally.recordings.items())),
             f"Sanic worker RSS: {rss}",
             f"afterwards (settled in {self.after.waited:.1f} s): gauges {self.after.gauges}, pool streams "
-            f"{self.after.streams}, decoders alive {self.after.decoders_alive}, PCM files {len(self.after.pcm_files)}",
+            f"{self.after.streams}, decoders alive {self.after.decoders_alive}, stt {self.after.stt_health}, "
+            f"PCM files {len(self.after.pcm_files)}",
         ]
 
 
