@@ -19,22 +19,18 @@ import os
 import random
 import signal
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-import psutil
-import websockets
-from prometheus_client.parser import text_string_to_metric_families
-
-from harness.chaos_events import Frame, audio_fault, event, session_frame, stray_frame
+from config import Settings
+from harness.chaos_aftermath import Aftermath, log_problems, resident_memory, sanic_workers, settle
+from harness.chaos_connection import ChaosConnection, Gone, Tally, either, for_session
+from harness.chaos_events import audio_fault, event, session_frame, stray_frame
 from harness.client import ProtocolClient, b64
-from harness.server import ServerProcess, http_get
+from harness.server import ServerProcess
 from harness.speech import read_pcm
-from stt_pool.layout import buffer_dir
 from stt_pool.status import PoolStatus, SlotState
 
 # Two Sanic workers on one pool of two decoders taking two recordings each (a busy 2-core machine
@@ -45,129 +41,10 @@ SERVER_SETTINGS: dict[str, Any] = {
     "STT_STREAMS_PER_WORKER": 2,
     "MOCK_LLM_DELAY_MS": 50,
 }
-FRAME_LIMIT = 524_288  # MAX_MESSAGE_BYTES's default
+FRAME_LIMIT: int = Settings.model_fields["max_message_bytes"].default
 TRANSCRIPT_WAIT = 120.0  # a final transcript behind a paused decoder and a full backlog
 ANSWER_WAIT = 30.0
 RSS_MARGIN = 100 * 2**20
-SETTLE_WAIT = 45.0
-
-
-class Gone(Exception):
-    """The connection closed while the scenario still needed it."""
-
-
-@dataclass
-class Tally:
-    connections: int = 0
-    frames: Counter[str] = field(default_factory=Counter)  # sent, by event type or "invalid:<kind>"
-    errors: Counter[str] = field(default_factory=Counter)  # received, by error_code
-    closes: Counter[str] = field(default_factory=Counter)  # how connections ended other than by us
-    recordings: Counter[str] = field(default_factory=Counter)
-    kills: int = 0
-    busy_kills: int = 0
-    streams_on_killed: int = 0
-    pauses: int = 0
-    unanswered: int = 0  # bad frames without their one error
-    failures: list[str] = field(default_factory=list)
-
-
-class ChaosConnection:
-    """One WebSocket; a reader task files every event, scenarios `take` the ones they wait for."""
-
-    def __init__(self, url: str, tally: Tally) -> None:
-        self.url = url
-        self.tally = tally
-        self.ws: Any = None
-        self.inbox: list[dict[str, Any]] = []
-        self.errors: list[dict[str, Any]] = []
-        self.sessions: set[str] = set()
-        self.closed = False
-        self.dropped = False  # by the scenario: nothing more is sent on it
-        self._arrived = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = None
-
-    async def open(self) -> None:
-        self.ws = await websockets.connect(self.url, max_size=None, open_timeout=30, close_timeout=5)
-        self.tally.connections += 1
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        try:
-            async for raw in self.ws:
-                event_ = orjson.loads(raw)
-                if event_["type"] == "error":
-                    self.tally.errors[event_["data"]["error_code"]] += 1
-                    self.errors.append(event_["data"])
-                self.inbox.append(event_)
-                self._arrived.set()
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            self.closed = True
-            self._arrived.set()
-
-    @property
-    def close_code(self) -> int | None:
-        code: int | None = self.ws.close_code if self.ws is not None else None
-        return code
-
-    async def send(self, kind: str, frame: Frame) -> None:
-        if self.closed:
-            raise Gone(f"closed ({self.close_code}) before {kind}")
-        try:
-            await self.ws.send(frame)
-        except websockets.ConnectionClosed:
-            raise Gone(f"closed ({self.close_code}) while sending {kind}") from None
-        self.tally.frames[kind] += 1
-
-    async def send_event(self, event_type: str, **data: Any) -> None:
-        await self.send(event_type, event(event_type, **data))
-
-    async def take(self, matches: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
-        """Remove and return the first event (already arrived or arriving) that `matches`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for index, candidate in enumerate(self.inbox):
-                if matches(candidate):
-                    return self.inbox.pop(index)
-            if self.closed:
-                raise Gone(f"closed ({self.close_code}) while waiting")
-            self._arrived.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-
-    async def drop(self) -> None:
-        """Vanish as a phone losing its network does: no close handshake."""
-        self.dropped = True
-        self.ws.transport.abort()
-        await self.close()
-
-    async def close(self) -> None:
-        if self.ws is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.close(), 5)
-        if self._reader is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._reader, 5)
-
-
-def _for(session_id: str, event_type: str, **fields: Any) -> Callable[[dict[str, Any]], bool]:
-    def matches(candidate: dict[str, Any]) -> bool:
-        data = candidate["data"]
-        return (
-            candidate["type"] == event_type
-            and data.get("session_id") == session_id
-            and all(data.get(key) == value for key, value in fields.items())
-        )
-
-    return matches
-
-
-def _either(*tests: Callable[[dict[str, Any]], bool]) -> Callable[[dict[str, Any]], bool]:
-    return lambda candidate: any(test(candidate) for test in tests)
 
 
 @dataclass
@@ -200,7 +77,8 @@ async def record(ctx: Context, conn: ChaosConnection, rng: random.Random) -> Non
     drop = rng.choices(["none", "mid", "after_end"], [16, 3, 1])[0]
     await conn.send_event("message_start", session_id=session_id, sender="对方")
     answer = await conn.take(
-        _either(_for(session_id, "status_update", status="recording_message"), _for(session_id, "error")), ANSWER_WAIT
+        either(for_session(session_id, "status_update", status="recording_message"), for_session(session_id, "error")),
+        ANSWER_WAIT,
     )
     if answer["type"] == "error":
         tally.recordings[f"refused ({answer['data']['error_code']})"] += 1
@@ -240,11 +118,13 @@ async def _await_transcript(ctx: Context, conn: ChaosConnection, session_id: str
     tally = ctx.tally
 
     def kept_for_retry(candidate: dict[str, Any]) -> bool:
-        return _for(session_id, "error")(candidate) and "message_end" in candidate["data"]["message"]
+        return for_session(session_id, "error")(candidate) and "message_end" in candidate["data"]["message"]
 
     for _ in range(4):
         try:
-            answer = await conn.take(_either(_for(session_id, "message_recorded"), kept_for_retry), TRANSCRIPT_WAIT)
+            answer = await conn.take(
+                either(for_session(session_id, "message_recorded"), kept_for_retry), TRANSCRIPT_WAIT
+            )
         except (TimeoutError, Gone) as error:
             tally.failures.append(f"no transcript for {name} in session {session_id}: {error!r}")
             conn.dropped = True  # the connection is of no more use to this client
@@ -270,7 +150,7 @@ async def garbage(ctx: Context, conn: ChaosConnection, rng: random.Random) -> No
         kind, frame = stray_frame(rng) if rng.random() < 0.5 else session_frame(rng, session_id)
         await conn.send(f"invalid:{kind}", frame)
     await conn.send_event("user_selected_response", session_id=session_id, selected_content="好的", sender="我")
-    await conn.take(_for(session_id, "message_recorded", content="好的"), ANSWER_WAIT)
+    await conn.take(for_session(session_id, "message_recorded", content="好的"), ANSWER_WAIT)
     others = conn.sessions - {session_id}
     answered = sum(1 for error in conn.errors[before:] if error.get("session_id") not in others)
     ctx.tally.unanswered += abs(count - answered)
@@ -284,7 +164,7 @@ async def conversation(ctx: Context, conn: ChaosConnection, rng: random.Random) 
         scenario_description="在药店买药",
         history_messages=[{"message_id": "h1", "sender": "对方", "content": "您需要什么药？"}],
     )
-    replied = _either(_for(session_id, "llm_response"), _for(session_id, "error"))
+    replied = either(for_session(session_id, "llm_response"), for_session(session_id, "error"))
     for step in rng.sample(["generate", "modify", "supplement", "count", "select"], rng.randint(1, 5)):
         if step == "generate":
             await conn.send_event("manual_generate", session_id=session_id, user_opinion="同意")
@@ -298,11 +178,11 @@ async def conversation(ctx: Context, conn: ChaosConnection, rng: random.Random) 
             await conn.send_event("response_count_update", session_id=session_id, response_count=rng.randint(1, 5))
         else:
             await conn.send_event("user_selected_response", session_id=session_id, selected_content="谢谢", sender="我")
-            await conn.take(_for(session_id, "message_recorded", content="谢谢"), ANSWER_WAIT)
+            await conn.take(for_session(session_id, "message_recorded", content="谢谢"), ANSWER_WAIT)
     await conn.send_event("conversation_end", session_id=session_id)
-    await conn.take(_for(session_id, "profile_archive"), ANSWER_WAIT)
+    await conn.take(for_session(session_id, "profile_archive"), ANSWER_WAIT)
     await conn.send_event("manual_generate", session_id=session_id)
-    await conn.take(_for(session_id, "error", error_code="SESSION_EXPIRED"), ANSWER_WAIT)
+    await conn.take(for_session(session_id, "error", error_code="SESSION_EXPIRED"), ANSWER_WAIT)
 
 
 async def oversize_frame(ctx: Context, conn: ChaosConnection, rng: random.Random) -> None:
@@ -387,83 +267,6 @@ async def _kill_busy_decoder(status: PoolStatus, tally: Tally) -> None:
         tally.streams_on_killed += streams
 
 
-def sanic_workers(server: ServerProcess) -> dict[int, str]:
-    """pid -> SANIC_WORKER_NAME of every Sanic server worker of the service."""
-    assert server.process is not None
-    found = {}
-    for child in psutil.Process(server.process.pid).children():
-        with contextlib.suppress(psutil.Error):
-            name = child.environ().get("SANIC_WORKER_NAME", "")
-            if name.startswith("Sanic-Server-"):
-                found[child.pid] = name
-    return found
-
-
-def resident_memory(pids: list[int]) -> dict[int, int]:
-    return {pid: psutil.Process(pid).memory_info().rss for pid in pids if psutil.pid_exists(pid)}
-
-
-def live_gauges(server: ServerProcess) -> dict[str, float]:
-    """Connections, sessions and open recordings summed over every worker (GET /metrics)."""
-    status, body = http_get(server.base_url + "/metrics")
-    assert status == 200, body[:200]
-    wanted = {"adb_websocket_connections", "adb_sessions", "adb_open_recordings"}
-    return {
-        family.name: sum(sample.value for sample in family.samples)
-        for family in text_string_to_metric_families(body.decode())
-        if family.name in wanted
-    }
-
-
-@dataclass
-class Aftermath:
-    """The service once every client is gone."""
-
-    gauges: dict[str, float]
-    streams: list[int]
-    decoders_alive: int
-    pcm_files: list[str]
-    workers: dict[int, str]
-    rss: dict[int, int]
-    stt_health: str
-    waited: float
-
-    @property
-    def quiet(self) -> bool:
-        return not any(self.gauges.values()) and not any(self.streams) and not self.pcm_files
-
-
-def pcm_files(runtime_dir: Path) -> list[str]:
-    """The recordings' PCM buffers left in the runtime directory (which the pool has created)."""
-    directory = buffer_dir(runtime_dir)
-    assert directory.is_dir(), f"the pool's buffer directory {directory} exists"
-    return sorted(path.name for path in directory.iterdir())
-
-
-async def settle(server: ServerProcess, decoders: int) -> Aftermath:
-    """Wait (at most SETTLE_WAIT) until nothing is left open, then take stock."""
-    runtime_dir = Path(server.env["RUNTIME_DIR"])
-    started = time.monotonic()
-    while True:
-        status = PoolStatus.attach(runtime_dir)
-        assert status is not None
-        workers = sanic_workers(server)
-        after = Aftermath(
-            gauges=live_gauges(server),
-            streams=[int(slot.streams) for slot in status.slots],
-            decoders_alive=len(status.live_slots()),
-            pcm_files=pcm_files(runtime_dir),
-            workers=workers,
-            rss=resident_memory(list(workers)),
-            stt_health=server.health()["services"]["stt_service"],
-            waited=time.monotonic() - started,
-        )
-        healed = after.decoders_alive == decoders and after.stt_health == "healthy"
-        if (after.quiet and healed) or after.waited > SETTLE_WAIT:
-            return after
-        await asyncio.sleep(0.25)
-
-
 @dataclass
 class Report:
     seed: int
@@ -538,15 +341,6 @@ async def reference_transcripts(server: ServerProcess, audio: dict[str, bytes]) 
     # One recording per decoder at a time, so the quiet answers take no longer than the longest.
     texts = await asyncio.gather(*(transcript(pcm) for pcm in audio.values()))
     return dict(zip(audio, texts, strict=True))
-
-
-def log_problems(server: ServerProcess) -> list[str]:
-    text = server.logs()
-    return [
-        f"server log: {count} x {marker!r}"
-        for marker in ("Traceback", "internal error")
-        if (count := text.count(marker))
-    ]
 
 
 async def run_chaos(server: ServerProcess, seconds: float, clients: int, seed: int) -> Report:

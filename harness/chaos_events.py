@@ -14,10 +14,11 @@ from typing import Any
 
 import orjson
 
+from config import Settings
 from harness.client import b64
 
 Frame = str | bytes
-TEXT_LIMIT = 4000  # MAX_TEXT_CHARS's default: one more character is INVALID_EVENT_DATA
+TEXT_LIMIT: int = Settings.model_fields["max_text_chars"].default  # one more character is INVALID_EVENT_DATA
 
 
 def event(event_type: str, **data: Any) -> str:

@@ -39,6 +39,6 @@ async def test_chaos_leaves_no_dead_worker_no_leftovers_and_loses_no_transcript(
     # The run really did what it is for (else the checks above would hold vacuously).
     tally = report.tally
     assert tally.kills >= 1 and tally.busy_kills >= 1 and tally.pauses >= 1, summary
-    assert tally.recordings["transcribed"] >= 5, summary
+    assert tally.recordings["transcribed"] >= 2, summary
     assert sum(count for kind, count in tally.frames.items() if kind.startswith("invalid:")) >= 100, summary
     assert tally.closes["1009 after an oversize frame"] + tally.recordings["dropped mid-recording"] >= 1, summary
