@@ -323,7 +323,8 @@ class Decoder:
             or now - stream.last_partial_at < self.config.partial_interval
         ):
             return
-        current = json.loads(stream.recognizer.PartialResult())["partial"]
+        # Right after an endpoint (and before any audio) Vosk answers `{"text": ""}`: nothing pending.
+        current = json.loads(stream.recognizer.PartialResult()).get("partial", "")
         text = join_segments([*stream.segments, current])
         if text and text != stream.last_partial:
             stream.last_partial, stream.last_partial_at = text, now

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from harness.speech import deterministic_model, read_pcm
-from stt_pool.wire import Final
+from stt_pool.wire import Final, Partial
 from tests.test_decoder_loop import Harness
 
 PIECE = 3200  # 100 ms at 16 kHz
@@ -79,3 +79,17 @@ def test_after_a_stream_that_ended_on_an_endpoint_the_warm_recogniser_decodes_li
     decode(harness, "before", ends_on_endpoint)
     assert decode(harness, "next", short) == expected
     assert len(harness.created) == 1, "the recogniser was reused, not replaced"
+
+
+def test_live_captions_across_an_endpoint_keep_the_decoder_alive_and_the_transcript_whole(harness, model):
+    """Right after an endpoint Vosk's PartialResult is `{"text": ""}` (no "partial" key): found by the
+    chaos soak, where it killed the decoder at every replay of such a recording."""
+    long = read_pcm("ko_long.wav")
+    expected, endpoint = fresh_transcript(model, long)
+    assert endpoint is not None, "the long fixture contains an endpoint"
+    harness.open("captioned", 16000, partials=True)
+    harness.store("captioned", long, 16000)
+    harness.finish("captioned")
+    final, before = harness.pump(Final, "captioned", rounds=100_000)
+    assert isinstance(final, Final) and final.text == expected
+    assert [record for record in before if isinstance(record, Partial)], "captions were sent on the way"
