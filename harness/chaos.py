@@ -45,6 +45,7 @@ FRAME_LIMIT: int = Settings.model_fields["max_message_bytes"].default
 TRANSCRIPT_WAIT = 120.0  # a final transcript behind a paused decoder and a full backlog
 ANSWER_WAIT = 30.0
 RSS_MARGIN = 100 * 2**20
+DISTURB_EVERY = 3.0
 
 
 @dataclass
@@ -225,14 +226,14 @@ async def client(ctx: Context, rng: random.Random, deadline: float) -> None:
             await conn.close()
 
 
-async def disturb_decoders(ctx: Context, runtime_dir: Path, rng: random.Random, deadline: float) -> None:
+async def disturb_decoders(ctx: Context, runtime_dir: Path, rng: random.Random, deadline: float, every: float) -> None:
     """Alternately SIGKILL the busiest decoder and SIGSTOP one for 2-7 s (always SIGCONTed)."""
     status = PoolStatus.attach(runtime_dir)
     assert status is not None, "the pool's status table exists once the server is ready"
     tally = ctx.tally
     kill_next = rng.random() < 0.5
     while time.monotonic() + 2 < deadline:
-        await asyncio.sleep(rng.uniform(1.5, 4.0))
+        await asyncio.sleep(rng.uniform(0.5, 1.5) * every)
         if kill_next:
             await _kill_busy_decoder(status, tally)
         else:
@@ -343,7 +344,12 @@ async def reference_transcripts(server: ServerProcess, audio: dict[str, bytes]) 
     return dict(zip(audio, texts, strict=True))
 
 
-async def run_chaos(server: ServerProcess, seconds: float, clients: int, seed: int) -> Report:
+async def run_chaos(
+    server: ServerProcess, seconds: float, clients: int, seed: int, disturb_every: float = DISTURB_EVERY
+) -> Report:
+    """`disturb_every`: mean seconds between two decoder disturbances (kills and pauses alternate).
+    A replayed recording is decoded again from its start, so kills much more frequent than the
+    decoding of a long recording under load would keep it from ever finishing."""
     started = time.monotonic()
     rng = random.Random(seed)
     audio = {"short": read_pcm("ko_short.wav"), "long": read_pcm("ko_long.wav"), "silence": bytes(32000), "empty": b""}
@@ -355,7 +361,9 @@ async def run_chaos(server: ServerProcess, seconds: float, clients: int, seed: i
     ctx = Context(server.ws_url, Tally(), audio, expected, deadline)
     client_rngs = [random.Random(rng.getrandbits(64)) for _ in range(clients)]
     await asyncio.gather(
-        disturb_decoders(ctx, Path(server.env["RUNTIME_DIR"]), random.Random(rng.getrandbits(64)), deadline),
+        disturb_decoders(
+            ctx, Path(server.env["RUNTIME_DIR"]), random.Random(rng.getrandbits(64)), deadline, disturb_every
+        ),
         *(client(ctx, client_rng, deadline) for client_rng in client_rngs),
     )
     drain = time.monotonic() - deadline
