@@ -107,3 +107,17 @@ def mock_server() -> Iterator[ServerProcess]:
     """One default server (one worker) for tests that need a backend but not the worker matrix."""
     with running_server() as started:
         yield started
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeOpenRouter]:
+    """A local OpenAI-compatible server for one module's tests (OpenRouter itself cannot be reached here)."""
+    with FakeOpenRouter() as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_fake(fake: FakeOpenRouter) -> FakeOpenRouter:
+    """The module's fake provider with no requests recorded and no scripted answers left from earlier tests."""
+    fake.reset()
+    return fake

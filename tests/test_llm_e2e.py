@@ -18,10 +18,7 @@ LLM_TIMEOUT = 2.0
 WAIT = 30.0
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeOpenRouter]:
-    with FakeOpenRouter() as server:
-        yield server
+pytestmark = pytest.mark.usefixtures("fresh_fake")
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +33,6 @@ def service(fake: FakeOpenRouter) -> Iterator[ServerProcess]:
         LOG_LEVEL="DEBUG",
     ) as server:
         yield server
-
-
-@pytest.fixture(autouse=True)
-def _fresh_fake(fake: FakeOpenRouter) -> None:
-    fake.reset()
 
 
 async def _manual_generate(client: ProtocolClient, session_id: str, **data: object) -> None:

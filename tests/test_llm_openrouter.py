@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -32,15 +32,7 @@ APP_NAME = "Dialogue Assistant Tests"
 MakeProvider = Callable[..., Awaitable[OpenRouterProvider]]
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeOpenRouter]:
-    with FakeOpenRouter() as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _fresh_fake(fake: FakeOpenRouter) -> None:
-    fake.reset()
+pytestmark = pytest.mark.usefixtures("fresh_fake")
 
 
 @pytest.fixture

@@ -24,10 +24,7 @@ BURST = 6
 PROMPT_BUDGET = 12000
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeOpenRouter]:
-    with FakeOpenRouter() as server:
-        yield server
+pytestmark = pytest.mark.usefixtures("fresh_fake")
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +41,6 @@ def service(fake: FakeOpenRouter) -> Iterator[ServerProcess]:
         MAX_MESSAGE_BYTES=4 * 1024 * 1024,  # and a frame that can carry it
     ) as server:
         yield server
-
-
-@pytest.fixture(autouse=True)
-def _fresh_fake(fake: FakeOpenRouter) -> None:
-    fake.reset()
 
 
 def tasks(fake: FakeOpenRouter) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
@@ -18,15 +18,7 @@ from tests.support.contexts import CONTEXT
 KEY = "sk-test-streaming-3c5e7a9b1d2f4a6c"
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeOpenRouter]:
-    with FakeOpenRouter() as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _fresh_fake(fake: FakeOpenRouter) -> None:
-    fake.reset()
+pytestmark = pytest.mark.usefixtures("fresh_fake")
 
 
 @pytest.fixture
