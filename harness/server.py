@@ -47,6 +47,8 @@ class ServerProcess:
             "PORT": str(self.port),
             "HOST": "127.0.0.1",
             "RUNTIME_DIR": str(self.workdir / "run"),
+            # Each server its own session store: tests never share state (pass STATE_DIR to restart on the same one).
+            "STATE_DIR": str(self.workdir / "state"),
             "VOSK_MODEL_PATH": str(self.workdir / "no-model"),
             "LOG_FORMAT": "json",
             "LOG_LEVEL": "INFO",
@@ -54,6 +56,8 @@ class ServerProcess:
         }
         self.env.pop("OPENROUTER_API_KEY", None)
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.env.pop("SESSION_STORE_URL", None)
+        self.env.pop("STATE_DIRECTORY", None)
         self.env.update({key: str(value) for key, value in env.items()})
         self.wait_for_stt = wait_for_stt
         self.process: subprocess.Popen[bytes] | None = None
