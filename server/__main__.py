@@ -58,6 +58,23 @@ def check_port_free(host: str, port: int) -> None:
             raise ConfigError(f"invalid setting PORT ({host}:{port}): cannot listen there: {error.strerror}") from None
 
 
+def check_session_store(settings: Settings) -> None:
+    """One clear line (exit 2) when the session store cannot be opened, before any worker tries."""
+    import asyncio
+
+    from server.store import StoreUnavailable, build_session_store
+
+    async def probe() -> None:
+        store = build_session_store(settings)
+        await store.start()
+        await store.close()
+
+    try:
+        asyncio.run(probe())
+    except StoreUnavailable as error:
+        raise ConfigError(f"session store unavailable: {error}") from None
+
+
 def main() -> int:
     try:
         settings = load_settings()
@@ -70,6 +87,7 @@ def main() -> int:
             except InvalidModel as error:
                 raise ConfigError(f"invalid setting VOSK_MODEL_PATH ({settings.vosk_model_path}): {error}") from None
         check_port_free(settings.host, settings.port)
+        check_session_store(settings)
         prepare_runtime_dir(settings)
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)

@@ -30,7 +30,8 @@ from server.conversation import Conversation, Services
 from server.engines import build_generations, build_provider, build_transcriber
 from server.metrics_endpoint import register_metrics_route
 from server.protocol import encode
-from server.sessions import SessionStore
+from server.sessions import AttachedSessions
+from server.store import SessionNotFound, SessionStore, StoreError, build_session_store
 from stt_pool.layout import POOL_PROCESS_NAME
 
 log = logging.getLogger("server.app")
@@ -92,13 +93,19 @@ def _register_listeners(app: App, settings: Settings) -> None:
     async def start_engines(app: App) -> None:
         transcriber = build_transcriber(settings, on_fatal=lambda error: app.m.terminate())
         provider = build_provider(settings)
+        store = build_session_store(settings)
+        # StoreUnavailable stops the worker; `python -m server` checked the store with one clear line first.
+        await store.start()
         await transcriber.start()
         await provider.start()
         app.ctx.connections = 0
         app.ctx.connections_by_address = ConnectionCounter(settings.max_connections_per_ip)
+        app.ctx.open_conversations = {}
+        app.ctx.stopping = False
         app.ctx.services = Services(
             settings=settings,
-            sessions=SessionStore(settings.max_ended_sessions_per_connection),
+            store=store,
+            sessions=AttachedSessions(),
             transcriber=transcriber,
             generations=build_generations(settings, provider),
         )
@@ -121,12 +128,41 @@ def _register_listeners(app: App, settings: Settings) -> None:
 
         app.add_task(watch(), name="watch-main-process")
 
+    @app.before_server_stop
+    async def drain_connections(app: App) -> None:
+        # Runs while connections are still open: each open recording is finished and recorded, each
+        # session detached (durable, resumable), then the socket closed with 1012 so the app reconnects
+        # and resumes against the restarted service.
+        app.ctx.stopping = True
+        conversations: dict[Conversation, Websocket] = app.ctx.open_conversations
+        if not conversations:
+            return
+        started = time.perf_counter()
+
+        async def drain(conv: Conversation, ws: Websocket) -> None:
+            await conv.close()
+            await ws.close(1012, "service restarting")
+
+        tasks = [asyncio.create_task(drain(conv, ws)) for conv, ws in list(conversations.items())]
+        _, late = await asyncio.wait(tasks, timeout=settings.drain_timeout)
+        for task in late:
+            task.cancel()
+        log.info(
+            "connections drained",
+            extra={
+                "connections": len(tasks),
+                "unfinished": len(late),
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+
     @app.after_server_stop
     async def stop_engines(app: App) -> None:
         services: Services = app.ctx.services
         services.generations.cancel_all()
         await services.generations.provider.close()
         await services.transcriber.close()
+        await services.store.close()
 
 
 def _register_routes(app: App) -> None:
@@ -170,7 +206,7 @@ def _register_routes(app: App) -> None:
         llm = services.generations.provider.health()
         loop_lag = await _loop_lag()
         parts = {
-            "session_manager": services.sessions.health(),
+            "session_manager": await _store_health(services.store),
             "stt_service": stt["status"],
             "llm_service": llm["status"],
             "request_manager": "healthy" if loop_lag < 0.5 else "degraded",
@@ -198,6 +234,9 @@ def _register_routes(app: App) -> None:
     @app.websocket("/conversation")  # type: ignore[untyped-decorator]
     @openapi.exclude()
     async def conversation(request: Request, ws: Websocket) -> None:
+        if request.app.ctx.stopping:
+            await ws.close(1012, "service restarting")
+            return
         address = client_address(request)
         by_address: ConnectionCounter = request.app.ctx.connections_by_address
         if not by_address.enter(address):
@@ -210,12 +249,17 @@ def _register_routes(app: App) -> None:
             await ws.send(encode(event))
 
         conv = Conversation(request.app.ctx.services, send)
+        conversations: dict[Conversation, Websocket] = request.app.ctx.open_conversations
+        conversations[conv] = ws
         request.app.ctx.connections += 1
         metrics.CONNECTIONS.inc()
         log.info("connection opened", extra={"connection_id": conv.connection_id})
         try:
             while True:
-                raw = await ws.recv(timeout=settings.websocket_timeout)
+                # Quiet is not dead: once the connection holds a session only a failed WebSocket ping
+                # (server/websocket_protocol.py) closes it; before that, WEBSOCKET_TIMEOUT does.
+                timeout = None if conv.holds_sessions.is_set() else settings.websocket_timeout
+                raw = await ws.recv(timeout=timeout)
                 if raw is None:
                     log.info("connection idle, closing", extra={"connection_id": conv.connection_id})
                     await ws.close(1000, "idle timeout")
@@ -223,10 +267,22 @@ def _register_routes(app: App) -> None:
                 await conv.handle_frame(raw)
         finally:
             by_address.leave(address)
+            conversations.pop(conv, None)
             await conv.close()
             request.app.ctx.connections -= 1
             metrics.CONNECTIONS.dec()
             log.info("connection closed", extra={"connection_id": conv.connection_id})
+
+
+async def _store_health(store: SessionStore) -> str:
+    """The session store answers a read: an unknown id is reported as not found, not as a failure."""
+    try:
+        await store.load("readiness-probe")
+    except SessionNotFound:
+        return "healthy"
+    except StoreError:
+        return "unavailable"
+    return "healthy"
 
 
 def _websocket_health(request: Request) -> str:

@@ -9,8 +9,11 @@ The handler does not know how audio reaches Vosk: it talks to a `Transcriber`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +40,7 @@ from server.protocol import (
     ScenarioSupplement,
     Send,
     SessionEvent,
+    SessionResume,
     UserModification,
     UserSelectedResponse,
     describe,
@@ -45,16 +49,29 @@ from server.protocol import (
     parse_client_event,
     profile_archive_event,
     session_created_event,
+    session_restored_event,
     status_update_event,
     transcript_partial_event,
 )
 from server.recordings import Recording, Recordings
-from server.sessions import Session, SessionStore
+from server.sessions import AttachedSessions, Held, Message, Session
+from server.store import (
+    Attachment,
+    SessionExpired,
+    SessionNotFound,
+    SessionStore,
+    SessionTakenOver,
+    StoreError,
+    StoreUnavailable,
+)
 from stt_pool.errors import AudioTooLong, BufferFull, SampleRateChanged, SttError, SttOverloaded, SttTimeout
 from stt_pool.interface import PartialCallback, Transcriber, TranscriptStream
 
 log = logging.getLogger("server.conversation")
 KEPT_FOR_RETRY = "，录音已保留，请重新发送 message_end"
+STORE_FAILED = "会话保存失败，此操作未生效，请稍后重试"
+# An attached session counts as active at least this often (seconds), however quiet the app is.
+TOUCH_INTERVAL = 60.0
 
 
 @contextmanager
@@ -106,13 +123,14 @@ class Services:
     """What every connection of a worker shares."""
 
     settings: Settings
-    sessions: SessionStore
+    store: SessionStore
+    sessions: AttachedSessions
     transcriber: Transcriber
     generations: GenerationManager
 
 
 class Conversation:
-    """Protocol state of one connection: the sessions it owns and their open recordings."""
+    """Protocol state of one connection: the sessions it holds and their open recordings."""
 
     def __init__(self, services: Services, send: Send) -> None:
         self.services = services
@@ -130,10 +148,20 @@ class Conversation:
         # wall-clock limit finished it) while the app may still stream it: those chunks and that
         # message_end are dropped without an error each (one refusal, one snackbar).
         self.dropping: set[str] = set()
+        # The sessions this connection ended, newest last, so that their ids answer SESSION_EXPIRED
+        # here (a resume asks the store); bounded, so a long connection holds no growing list.
+        self.ended: deque[str] = deque(maxlen=settings.max_ended_sessions_per_connection)
+        # Sessions another connection took over from this one: their frames here are ignored, as
+        # this connection gets no further events of them (bounded the same way).
+        self.lost: deque[str] = deque(maxlen=settings.max_ended_sessions_per_connection)
+        # Set once the connection started or resumed a session: from then on quiet is not idle.
+        self.holds_sessions = asyncio.Event()
         # Frames and wall-clock expiries of this connection run one at a time, as the protocol is sequential.
         self._turn = asyncio.Lock()
+        self._touch_every = min(TOUCH_INTERVAL, settings.session_resume_window / 4)
         self._handlers: dict[str, Callable[[Any], Awaitable[None]]] = {
             "conversation_start": self.on_conversation_start,
+            "session_resume": self.on_session_resume,
             "heartbeat": self.on_heartbeat,
         }
         self._session_handlers: dict[str, Callable[[Session, Any], Awaitable[None]]] = {
@@ -150,6 +178,10 @@ class Conversation:
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    @property
+    def store(self) -> SessionStore:
+        return self.services.store
+
     async def send(self, event: Event) -> None:
         if event["type"] == "error":
             metrics.ERRORS.labels(event["data"]["error_code"]).inc()
@@ -157,6 +189,25 @@ class Conversation:
             await self._send(event)
         except Exception as error:  # the peer went away; the session's state is already recorded
             log.info("send failed", extra={"connection_id": self.connection_id, "error": type(error).__name__})
+
+    def _session_sender(self, held: Held) -> Send:
+        """How the session's work (generations, partial captions) reaches the client: not at all once
+        another connection took the session over."""
+
+        async def send(event: Event) -> None:
+            if not held.attachment.taken_over.is_set():
+                await self.send(event)
+
+        return send
+
+    async def _confirm(self, held: Held, event: Event) -> None:
+        """Send an event confirming a change already in the store; if another connection took the
+        session over meanwhile, the event is queued for that holder instead (nothing confirmed is lost)."""
+        if not held.attachment.taken_over.is_set():
+            await self.send(event)
+            return
+        with contextlib.suppress(StoreError):
+            await self.store.enqueue_event(held.session_id, event)
 
     async def handle_frame(self, raw: str | bytes) -> None:
         """Handle one client frame; every failure becomes an `error` event."""
@@ -168,19 +219,55 @@ class Conversation:
         try:
             event_type, data = parse_client_event(raw, self.limits)
             metrics.EVENTS.labels(event_type).inc()
-            if isinstance(data, SessionEvent):
+            if isinstance(data, SessionEvent) and event_type in self._session_handlers:
                 session_id = data.session_id
-                session = self.services.sessions.get(data.session_id, self.connection_id)
-                await self._session_handlers[event_type](session, data)
+                session = await self._session(data.session_id)
+                if session is not None:
+                    await self._session_handlers[event_type](session, data)
             else:
+                session_id = data.session_id if isinstance(data, SessionEvent) else None
                 await self._handlers[event_type](data)
         except ProtocolError as error:
             if error.session_id is None:
                 error.session_id = session_id
             await self._report(error)
+        except StoreUnavailable as error:
+            log.error("session store unavailable", extra={"session_id": session_id, "error": str(error)})
+            await self.send(error_event(ProtocolError(ErrorCode.INTERNAL_ERROR, STORE_FAILED, session_id=session_id)))
         except Exception:
             log.exception("internal error", extra={"session_id": session_id, "connection_id": self.connection_id})
             await self.send(error_event(ProtocolError(ErrorCode.INTERNAL_ERROR, session_id=session_id)))
+
+    async def _session(self, session_id: str) -> Session | None:
+        """The session this connection holds; None (the frame is ignored) if it was taken over from it."""
+        held = self.services.sessions.held(session_id, self.connection_id)
+        if held is not None and held.attachment.taken_over.is_set():
+            await self._lose(held)
+        if session_id in self.lost:
+            return None
+        if held is None:
+            # Whether the session exists elsewhere is not told: another connection must resume it first.
+            code = ErrorCode.SESSION_EXPIRED if session_id in self.ended else ErrorCode.SESSION_NOT_FOUND
+            raise ProtocolError(code, session_id=session_id)
+        return held.session
+
+    @contextmanager
+    def _stored(self, held: Held) -> Iterator[None]:
+        """A store write for `held`: a session the store no longer has is forgotten and reported."""
+        try:
+            yield
+        except SessionExpired:
+            self._forget(held)
+            raise ProtocolError(ErrorCode.SESSION_EXPIRED, session_id=held.session_id) from None
+        except SessionNotFound:
+            self._forget(held)
+            raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, session_id=held.session_id) from None
+
+    def _held(self, session: Session) -> Held:
+        held = self.services.sessions.held(session.session_id, self.connection_id)
+        if held is None or held.session is not session:
+            raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, session_id=session.session_id)
+        return held
 
     async def _report(self, error: ProtocolError) -> None:
         log.info(
@@ -189,26 +276,133 @@ class Conversation:
         )
         await self.send(error_event(error))
 
-    async def close(self) -> None:
-        """The connection is gone: cancel its work, drop its recordings and sessions."""
-        async with self._turn:
-            for session_id in self.services.sessions.owned_by(self.connection_id):
-                await self._end_session(session_id)
-            self.services.sessions.forget_owner(self.connection_id)
+    # -- holding sessions -------------------------------------------------------------------
 
-    async def _end_session(self, session_id: str) -> None:
-        self.services.generations.cancel(session_id)
-        self.dropping.discard(session_id)
-        await self.recordings.abort(session_id)
-        self.services.sessions.end(session_id)
+    def _hold(self, session: Session, attachment: Attachment) -> Held:
+        held = self.services.sessions.hold(self.connection_id, session, attachment)
+        held.pump = asyncio.create_task(self._pump(held), name=f"session-pump:{session.session_id}")
+        metrics.SESSIONS.inc()
+        self.holds_sessions.set()
+        return held
+
+    def _forget(self, held: Held) -> bool:
+        """Stop serving `held` here: its generations, its pump, its place in the cache (once)."""
+        if not self.services.sessions.release(held):
+            return False
         metrics.SESSIONS.dec()
+        self.services.generations.cancel(held.session_id)
+        self.dropping.discard(held.session_id)
+        if held.pump is not None and held.pump is not asyncio.current_task():
+            held.pump.cancel()
+        return True
+
+    async def _pump(self, held: Held) -> None:
+        """Deliver events queued for this holder, notice a takeover, and keep an attached session from
+        expiring while the app is quiet (reading, listening)."""
+        attachment = held.attachment
+        while True:
+            waits = [
+                asyncio.ensure_future(attachment.events_waiting.wait()),
+                asyncio.ensure_future(attachment.taken_over.wait()),
+            ]
+            try:
+                done, _ = await asyncio.wait(waits, timeout=self._touch_every, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+            async with self._turn:
+                if self.services.sessions.held(held.session_id, self.connection_id) is not held:
+                    return
+                try:
+                    if attachment.taken_over.is_set():
+                        await self._lose(held)
+                        return
+                    with self._stored(held):
+                        if done:
+                            await self._deliver_queued(held)
+                        else:
+                            await self.store.touch(held.session_id)
+                except SessionTakenOver:
+                    await self._lose(held)
+                    return
+                except ProtocolError as error:
+                    await self._report(error)
+                    return
+                except StoreUnavailable as error:
+                    log.warning("session store unavailable", extra={"session_id": held.session_id, "error": str(error)})
+
+    async def _deliver_queued(self, held: Held) -> None:
+        for event in await self.store.drain_events(held.attachment):
+            if event["type"] == "message_recorded":
+                # A message another connection recorded (its drop or its takeover) joins this cache.
+                data = event["data"]
+                held.session.messages.append(Message(data["message_id"], data["sender"], data["content"]))
+            await self.send(event)
+
+    async def _lose(self, held: Held) -> None:
+        """Another connection took the session over: nothing more of it is sent here. An open
+        recording is finished and recorded for the new holder, as on a drop."""
+        if not self._forget(held):
+            return
+        self.lost.append(held.session_id)
+        metrics.SESSION_TAKEOVERS.inc()
+        log.info("session taken over", extra={"session_id": held.session_id, "connection_id": self.connection_id})
+        await self._record_for_later(held)
+
+    async def _record_for_later(self, held: Held) -> None:
+        """Finish the session's open recording (if it has audio) and queue its `message_recorded` for
+        whoever holds the session next; without audio the recording is dropped."""
+        recording = self.recordings.get(held.session_id)
+        if recording is None:
+            return
+        if not recording.stream.received_bytes:
+            await self.recordings.abort(held.session_id)
+            return
+        try:
+            text = await self.recordings.finish(recording)
+            message = await self.store.append_message(
+                held.session_id, sender=recording.sender, content=text, origin="recorded"
+            )
+            event = message_recorded_event(held.session_id, message.message_id, text, recording.sender, spoken=True)
+            await self.store.enqueue_event(held.session_id, event)
+        except (SttError, StoreError) as error:
+            log.error(
+                "recording cut by a drop could not be recorded",
+                extra={"session_id": held.session_id, "error": type(error).__name__},
+            )
+            await self.recordings.abort(held.session_id)
+            return
+        log.info(
+            "message recorded for a detached session",
+            extra={
+                "session_id": held.session_id,
+                "message_id": message.message_id,
+                "seconds": recording.stream.seconds,
+            },
+        )
+
+    async def close(self) -> None:
+        """The connection is gone (or the worker stops): every session it held stays resumable. Generations
+        are cancelled, the session is detached first (so what follows is queued for the next holder), and
+        an open recording is finished and recorded."""
+        for held in self.services.sessions.owned_by(self.connection_id):
+            if held.pump is not None:
+                held.pump.cancel()
+        async with self._turn:
+            for held in self.services.sessions.owned_by(self.connection_id):
+                self._forget(held)
+                with contextlib.suppress(StoreError):
+                    if await self.store.detach(held.attachment):
+                        metrics.SESSION_DETACHES.inc()
+                await self._record_for_later(held)
 
     def _generate(self, kind: Task, session: Session, **context: Any) -> None:
-        self.services.generations.start(kind, session.context(**context), self.send, stream=session.stream_suggestions)
+        send = self._session_sender(self._held(session))
+        self.services.generations.start(kind, session.context(**context), send, stream=session.stream_suggestions)
 
     # -- client events ------------------------------------------------------------------------
 
-    async def on_conversation_start(self, data: ConversationStart) -> None:
+    def _check_session_room(self) -> None:
         limit = self.services.settings.max_sessions_per_connection
         if len(self.services.sessions.owned_by(self.connection_id)) >= limit:
             raise ProtocolError(
@@ -216,21 +410,67 @@ class Conversation:
                 "本连接的会话数已达上限，请先结束不再使用的会话",
                 details=describe(limit=limit),
             )
-        session = self.services.sessions.create(self.connection_id, data.response_count, data.scenario_description)
-        session.partial_transcripts = data.options.partial_transcripts
-        session.user_profile = data.user_profile
-        session.target_profile = data.target_profile
-        session.stream_suggestions = data.options.stream_suggestions
-        session.opinion_prediction = (
-            data.options.opinion_prediction or self.services.generations.policy.opinion_prediction_for_all
+
+    async def on_conversation_start(self, data: ConversationStart) -> None:
+        self._check_session_room()
+        session = Session(
+            session_id=str(uuid.uuid4()),
+            response_count=data.response_count,
+            scenario_description=data.scenario_description,
+            messages=[Message(m.message_id, m.sender, m.content) for m in data.history_messages],
+            partial_transcripts=data.options.partial_transcripts,
+            stream_suggestions=data.options.stream_suggestions,
+            opinion_prediction=(
+                data.options.opinion_prediction or self.services.generations.policy.opinion_prediction_for_all
+            ),
+            user_profile=data.user_profile,
+            target_profile=data.target_profile,
         )
-        for message in data.history_messages:
-            session.add_message(message.sender, message.content, "history", message.message_id)
-        metrics.SESSIONS.inc()
+        attachment = await self.store.create(session.to_state(), self.connection_id)
+        self._hold(session, attachment)
         log.info("session created", extra={"session_id": session.session_id, "connection_id": self.connection_id})
         await self.send(session_created_event(session.session_id))
         if session.has_context:
             self._generate(Task.OPINIONS, session)
+
+    async def on_session_resume(self, data: SessionResume) -> None:
+        """Attach this connection to a stored session (taking it over from any other connection), then
+        send `session_restored` and every event queued while it was detached, in order."""
+        session_id = data.session_id
+        held = self.services.sessions.held(session_id, self.connection_id)
+        if held is None:
+            self._check_session_room()
+        try:
+            attachment = await self.store.attach(session_id, self.connection_id)
+            state = await self.store.load(session_id)
+        except SessionNotFound:
+            metrics.SESSION_RESUMES.labels("not_found").inc()
+            raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, session_id=session_id) from None
+        except SessionExpired:
+            metrics.SESSION_RESUMES.labels("expired").inc()
+            raise ProtocolError(ErrorCode.SESSION_EXPIRED, session_id=session_id) from None
+        if held is not None:
+            # The same connection resuming again: its earlier hold gives way to the new one.
+            self._forget(held)
+        with contextlib.suppress(ValueError):
+            self.lost.remove(session_id)
+        session = Session.from_state(state)
+        held = self._hold(session, attachment)
+        metrics.SESSION_RESUMES.labels("restored").inc()
+        log.info("session resumed", extra={"session_id": session_id, "connection_id": self.connection_id})
+        await self.send(
+            session_restored_event(
+                session_id,
+                message_count=len(session.messages),
+                response_count=session.response_count,
+                has_modifications=bool(session.modifications),
+                scenario_description=session.scenario_description,
+            )
+        )
+        try:
+            await self._deliver_queued(held)
+        except SessionTakenOver:
+            await self._lose(held)
 
     async def on_message_start(self, session: Session, data: MessageStart) -> None:
         self.services.generations.cancel(session.session_id)
@@ -246,7 +486,7 @@ class Conversation:
             await self._record_transcript(session, previous)
         elif previous is not None:
             await self.recordings.abort(session.session_id)
-        on_partial = self._partial_sender(session.session_id) if session.partial_transcripts else None
+        on_partial = self._partial_sender(session) if session.partial_transcripts else None
         try:
             with stt_errors(session.session_id):
                 stream = await self.services.transcriber.open_stream(on_partial)
@@ -256,6 +496,17 @@ class Conversation:
         wall_limit = self.services.settings.recording_wall_limit
         self.recordings.open(session.session_id, data.sender, stream, wall_limit, self._on_wall_limit)
         await self.send(status_update_event(session.session_id, "recording_message"))
+        await self._touch_now_and_then(session.session_id)
+
+    async def _touch_now_and_then(self, session_id: str) -> None:
+        """Activity that writes nothing (a recording under way) still counts, at most once a TOUCH_INTERVAL."""
+        held = self.services.sessions.held(session_id, self.connection_id)
+        now = time.monotonic()
+        if held is None or now - held.touched < self._touch_every:
+            return
+        held.touched = now
+        with self._stored(held):
+            await self.store.touch(session_id)
 
     def _check_room_for_a_recording(self, session: Session, replacing: bool) -> None:
         """A session holds at most MAX_MESSAGES_PER_SESSION messages, a connection at most
@@ -286,12 +537,21 @@ class Conversation:
             except ProtocolError as error:
                 await self._report(error)
                 return
+            except StoreUnavailable as error:
+                log.error("session store unavailable", extra={"session_id": recording.session_id, "error": str(error)})
+                await self._report(
+                    ProtocolError(ErrorCode.INTERNAL_ERROR, STORE_FAILED, session_id=recording.session_id)
+                )
+                return
             self.dropping.add(session.session_id)
 
-    def _partial_sender(self, session_id: str) -> PartialCallback:
+    def _partial_sender(self, session: Session) -> PartialCallback:
+        send = self._session_sender(self._held(session))
+        session_id = session.session_id
+
         async def send_partial(text: str) -> None:
             if self.recordings.get(session_id) is not None:
-                await self.send(transcript_partial_event(session_id, text))
+                await send(transcript_partial_event(session_id, text))
 
         return send_partial
 
@@ -315,6 +575,7 @@ class Conversation:
             except (AudioTooLong, BufferFull):
                 recording.full = True
                 raise
+        await self._touch_now_and_then(session.session_id)
 
     async def on_message_end(self, session: Session, data: MessageEnd) -> None:
         if session.session_id in self.dropping:
@@ -331,9 +592,14 @@ class Conversation:
 
     async def _record_transcript(self, session: Session, recording: Recording) -> None:
         """Finish the open recording and record its text. On failure the recording stays open."""
+        held = self._held(session)
         with stt_errors(session.session_id, recording.stream, finishing=True):
             text = await self.recordings.finish(recording)
-        message = session.add_message(recording.sender, text, "recorded")
+        with self._stored(held):
+            stored = await self.store.append_message(
+                session.session_id, sender=recording.sender, content=text, origin="recorded"
+            )
+        message = session.add(stored)
         log.info(
             "message recorded",
             extra={
@@ -342,18 +608,22 @@ class Conversation:
                 "seconds": recording.stream.seconds,
             },
         )
-        await self.send(
-            message_recorded_event(session.session_id, message.message_id, text, recording.sender, spoken=True)
+        await self._confirm(
+            held, message_recorded_event(session.session_id, message.message_id, text, recording.sender, spoken=True)
         )
 
     async def on_manual_generate(self, session: Session, data: ManualGenerate) -> None:
-        session.last_focus = list(data.focused_message_ids)
-        session.last_opinion = data.opinion
+        focus, opinion = list(data.focused_message_ids), data.opinion
+        with self._stored(self._held(session)):
+            await self.store.update_fields(session.session_id, last_focus=focus, last_opinion=opinion)
+        session.last_focus, session.last_opinion = focus, opinion
         await self._generate_replies(session)
 
     async def on_user_modification(self, session: Session, data: UserModification) -> None:
         limit = self.services.settings.max_modifications_per_session
         _check_room(session, "modifications", len(session.modifications), limit, "本会话的修改意见数已达上限")
+        with self._stored(self._held(session)):
+            await self.store.append_modification(session.session_id, data.modification)
         session.modifications.append(data.modification)
         self.services.generations.context_changed(session.session_id)
         await self._generate_replies(session)
@@ -364,26 +634,41 @@ class Conversation:
 
     async def on_user_selected_response(self, session: Session, data: UserSelectedResponse) -> None:
         self._check_message_room(session)
-        message = session.add_message(data.sender, data.selected_content, "selected")
+        held = self._held(session)
+        with self._stored(held):
+            stored = await self.store.append_message(
+                session.session_id, sender=data.sender, content=data.selected_content, origin="selected"
+            )
+        message = session.add(stored)
         self.services.generations.context_changed(session.session_id)
-        await self.send(
-            message_recorded_event(session.session_id, message.message_id, message.content, data.sender, spoken=False)
+        await self._confirm(
+            held,
+            message_recorded_event(session.session_id, message.message_id, message.content, data.sender, spoken=False),
         )
         if session.opinion_prediction:
             self._generate(Task.PREDICTION, session)
 
     async def on_scenario_supplement(self, session: Session, data: ScenarioSupplement) -> None:
+        with self._stored(self._held(session)):
+            await self.store.update_fields(session.session_id, scenario_supplement=data.supplement)
         session.scenario_supplement = data.supplement
         self.services.generations.context_changed(session.session_id)
 
     async def on_response_count_update(self, session: Session, data: ResponseCountUpdate) -> None:
+        with self._stored(self._held(session)):
+            await self.store.update_fields(session.session_id, response_count=data.response_count)
         session.response_count = data.response_count
         self.services.generations.context_changed(session.session_id)
 
     async def on_conversation_end(self, session: Session, data: ConversationEnd) -> None:
+        held = self._held(session)
         log.info("session ended", extra={"session_id": session.session_id, "connection_id": self.connection_id})
-        await self._end_session(session.session_id)
+        self._forget(held)
+        self.ended.append(session.session_id)
+        await self.recordings.abort(session.session_id)
         await self.send(profile_archive_event(session.session_id, session.user_profile, session.target_profile))
+        with contextlib.suppress(SessionExpired, SessionNotFound):
+            await self.store.delete(session.session_id)
 
     async def on_heartbeat(self, data: Heartbeat) -> None:
         """Keep-alive from the client: nothing to do, nothing to answer."""

@@ -13,7 +13,14 @@ RTF_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 LLM_BUCKETS = (0.005, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 
 CONNECTIONS = Gauge("adb_websocket_connections", "Open WebSocket connections", multiprocess_mode="livesum")
-SESSIONS = Gauge("adb_sessions", "Active conversation sessions", multiprocess_mode="livesum")
+SESSIONS = Gauge("adb_sessions", "Sessions attached to an open connection", multiprocess_mode="livesum")
+# Sessions without a connection live in the store (resumable until SESSION_RESUME_WINDOW ends):
+# these count how they get there and back.
+SESSION_DETACHES = Counter("adb_session_detaches", "Sessions left detached (resumable) by a dropped connection")
+SESSION_RESUMES = Counter("adb_session_resumes", "session_resume requests, by outcome", ["outcome"])
+SESSION_TAKEOVERS = Counter(
+    "adb_session_takeovers", "Sessions a connection lost to a session_resume on another connection"
+)
 RECORDINGS = Gauge("adb_open_recordings", "Recordings currently open", multiprocess_mode="livesum")
 EVENTS = Counter("adb_client_events", "Client events received, by type", ["type"])
 ERRORS = Counter("adb_errors", "Error events sent to clients, by code", ["code"])

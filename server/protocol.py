@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Sized
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -285,6 +286,11 @@ class ConversationEnd(SessionEvent):
     """Cancels the session's work, answers `profile_archive` and ends the session."""
 
 
+class SessionResume(SessionEvent):
+    """Attaches this connection to an existing session (after a drop or a restart), taking it over from
+    any other connection; answers `session_restored`, then every event queued while it was detached."""
+
+
 class Heartbeat(_EventData):
     """A client's keep-alive: accepted silently, whatever its `data` (or none)."""
 
@@ -300,6 +306,7 @@ CLIENT_EVENTS: dict[str, type[_EventData]] = {
     "scenario_supplement": ScenarioSupplement,
     "response_count_update": ResponseCountUpdate,
     "conversation_end": ConversationEnd,
+    "session_resume": SessionResume,
     "heartbeat": Heartbeat,
 }
 
@@ -387,6 +394,8 @@ SERVER_EVENTS: dict[str, str] = {
     "llm_response": "`session_id`, `suggestions` (exactly `response_count`), `request_id`",
     "status_update": "`session_id`, `status`, `message`",
     "error": "`session_id?`, `error_code`, `message`, `details?` (a string, never an object)",
+    "session_restored": "`session_id`, `status` (`active`), `message_count`, `response_count`, `has_modifications`, "
+    "`restored_at` (ISO 8601), `scenario_description` (or null); then the events queued while detached, in order",
     "profile_archive": "`session_id`, `user_profile`, `target_profile` (each as given, or null)",
     "transcript_partial": "`session_id`, `text` (opt-in: `options.partial_transcripts`)",
     "suggestion_partial": "`session_id`, `request_id`, `kind` (`opinions`/`replies`), `index`, `text` "
@@ -416,6 +425,21 @@ def message_recorded_event(session_id: str, message_id: str, content: str, sende
     if spoken:
         data["message_content"] = content
     return {"type": "message_recorded", "data": data}
+
+
+def session_restored_event(
+    session_id: str, *, message_count: int, response_count: int, has_modifications: bool, scenario_description: str
+) -> Event:
+    data = {
+        "session_id": session_id,
+        "status": "active",
+        "message_count": message_count,
+        "response_count": response_count,
+        "has_modifications": has_modifications,
+        "restored_at": datetime.now(UTC).isoformat(),
+        "scenario_description": scenario_description or None,
+    }
+    return {"type": "session_restored", "data": data}
 
 
 def profile_archive_event(session_id: str, user_profile: Profile | None, target_profile: Profile | None) -> Event:

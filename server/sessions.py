@@ -1,23 +1,20 @@
-"""Sessions as plain data, and the store that knows which connection owns which session.
+"""The sessions attached to this worker's connections: a cache of the session store, never its rival.
 
-A `Session` holds no tasks, sockets or streams, only what the conversation is, so a later store
-can persist it and resume it across reconnects and restarts. Runtime state (open recordings,
-running generations) lives with the connection and the generation manager.
+The store (server/store) is the one source of truth: every change is written there first, then
+applied to the `Session` cached here, then confirmed to the client. A `Session` holds only what the
+conversation is; the `Attachment` says whether this connection still holds it. Runtime state (open
+recordings, running generations) lives with the connection and the generation manager.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections import deque
+import asyncio
+import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 from llm.interface import ContextMessage, ConversationContext, PersonProfile
 from server.protocol import ErrorCode, Profile, ProtocolError
-
-MessageKind = Literal["history", "recorded", "selected"]
-ID_PREFIX: dict[MessageKind, str] = {"recorded": "msg", "selected": "usr", "history": "msg"}
-PROBE_OWNER = "readiness-probe"
+from server.store import Attachment, SessionState, StoredMessage
 
 
 @dataclass(slots=True)
@@ -42,19 +39,50 @@ class Session:
     last_opinion: str = ""
     user_profile: Profile | None = None
     target_profile: Profile | None = None
-    message_ids: set[str] = field(default_factory=set)
 
-    def add_message(self, sender: str, content: str, kind: MessageKind, message_id: str = "") -> Message:
-        """Append a message; a new id is `msg_NNN`/`usr_NNN` with NNN its 1-based position, or the
-        next free number when a history message already holds that id."""
-        if not message_id:
-            position = len(self.messages) + 1
-            while (message_id := f"{ID_PREFIX[kind]}_{position:03d}") in self.message_ids:
-                position += 1
-        message = Message(message_id, sender, content)
-        self.messages.append(message)
-        self.message_ids.add(message_id)
-        return message
+    @classmethod
+    def from_state(cls, state: SessionState) -> Session:
+        options = state.options
+        return cls(
+            session_id=state.session_id,
+            response_count=state.response_count,
+            scenario_description=state.scenario_description,
+            scenario_supplement=state.scenario_supplement,
+            messages=[Message(m.message_id, m.sender, m.content) for m in state.messages],
+            modifications=list(state.modifications),
+            partial_transcripts=bool(options.get("partial_transcripts", False)),
+            stream_suggestions=bool(options.get("stream_suggestions", False)),
+            opinion_prediction=bool(options.get("opinion_prediction", False)),
+            last_focus=list(state.last_focus),
+            last_opinion=state.last_opinion,
+            user_profile=_profile(state.user_profile),
+            target_profile=_profile(state.target_profile),
+        )
+
+    def to_state(self) -> SessionState:
+        return SessionState(
+            session_id=self.session_id,
+            response_count=self.response_count,
+            scenario_description=self.scenario_description,
+            scenario_supplement=self.scenario_supplement,
+            messages=[StoredMessage(m.message_id, m.sender, m.content, "history") for m in self.messages],
+            modifications=list(self.modifications),
+            options={
+                "partial_transcripts": self.partial_transcripts,
+                "stream_suggestions": self.stream_suggestions,
+                "opinion_prediction": self.opinion_prediction,
+            },
+            user_profile=self.user_profile.given() if self.user_profile else None,
+            target_profile=self.target_profile.given() if self.target_profile else None,
+            last_focus=list(self.last_focus),
+            last_opinion=self.last_opinion,
+        )
+
+    def add(self, message: StoredMessage) -> Message:
+        """Cache a message the store has appended (with the id the store gave it)."""
+        cached = Message(message.message_id, message.sender, message.content)
+        self.messages.append(cached)
+        return cached
 
     @property
     def has_context(self) -> bool:
@@ -76,6 +104,10 @@ class Session:
         )
 
 
+def _profile(stored: dict[str, object] | None) -> Profile | None:
+    return None if stored is None else Profile.model_validate(stored)
+
+
 def _person(profile: Profile | None) -> PersonProfile | None:
     if profile is None:
         return None
@@ -91,56 +123,51 @@ def _person(profile: Profile | None) -> PersonProfile | None:
     )
 
 
-class SessionStore:
-    """In-memory sessions of one worker, each owned by exactly one connection."""
+@dataclass(slots=True, eq=False)
+class Held:
+    """One session attached to one connection of this worker."""
 
-    def __init__(self, max_ended_per_owner: int) -> None:
-        self._sessions: dict[str, Session] = {}
-        self._owners: dict[str, str] = {}
-        # The sessions each connection ended, newest last, so that their ids answer SESSION_EXPIRED;
-        # bounded, so a connection that starts and ends sessions for ever holds no growing list.
-        self._ended: dict[str, deque[str]] = {}
-        self._max_ended = max_ended_per_owner
+    owner: str
+    session: Session
+    attachment: Attachment
+    # Delivers events queued for this holder, notices a takeover, keeps the session from expiring.
+    pump: asyncio.Task[None] | None = None
+    # When activity that writes nothing (audio) last renewed the session's resume window.
+    touched: float = field(default_factory=time.monotonic)
+
+    @property
+    def session_id(self) -> str:
+        return self.session.session_id
+
+
+class AttachedSessions:
+    """The sessions held by this worker's connections, by (connection, session): during a takeover
+    within one worker, the old and the new connection briefly hold the same session id."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, str], Held] = {}
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        return len(self._held)
 
-    def health(self) -> str:
-        """A probe session goes through create, get and end, and every live session has exactly one owner."""
-        probe = self.create(PROBE_OWNER, 1)
-        try:
-            found = self.get(probe.session_id, PROBE_OWNER) is probe
-        finally:
-            self.end(probe.session_id)
-            self._ended.pop(PROBE_OWNER, None)
-        consistent = self._sessions.keys() == self._owners.keys()
-        return "healthy" if found and consistent else "degraded"
+    def hold(self, owner: str, session: Session, attachment: Attachment) -> Held:
+        held = Held(owner, session, attachment)
+        self._held[owner, session.session_id] = held
+        return held
 
-    def create(self, owner: str, response_count: int, scenario_description: str = "") -> Session:
-        session = Session(str(uuid.uuid4()), response_count, scenario_description)
-        self._sessions[session.session_id] = session
-        self._owners[session.session_id] = owner
-        return session
+    def held(self, session_id: str, owner: str) -> Held | None:
+        return self._held.get((owner, session_id))
 
     def get(self, session_id: str, owner: str) -> Session:
-        """The session if `owner` owns it; another connection's session is reported as not found."""
-        if self._owners.get(session_id) == owner:
-            return self._sessions[session_id]
-        if session_id in self._ended.get(owner, ()):
-            raise ProtocolError(ErrorCode.SESSION_EXPIRED, session_id=session_id)
-        raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, session_id=session_id)
+        """The session if `owner` holds it; anything else is reported as not found."""
+        held = self._held.get((owner, session_id))
+        if held is None:
+            raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, session_id=session_id)
+        return held.session
 
-    def end(self, session_id: str) -> None:
-        owner = self._owners.pop(session_id, None)
-        self._sessions.pop(session_id, None)
-        if owner is not None:
-            self._ended.setdefault(owner, deque(maxlen=self._max_ended)).append(session_id)
+    def owned_by(self, owner: str) -> list[Held]:
+        return [held for (who, _), held in self._held.items() if who == owner]
 
-    def owned_by(self, owner: str) -> list[str]:
-        return [sid for sid, who in self._owners.items() if who == owner]
-
-    def forget_owner(self, owner: str) -> None:
-        """Drop everything a closed connection owned, ended sessions included."""
-        for session_id in self.owned_by(owner):
-            self.end(session_id)
-        self._ended.pop(owner, None)
+    def release(self, held: Held) -> bool:
+        """Forget `held`; False if it was already forgotten (each release happens once)."""
+        return self._held.pop((held.owner, held.session_id), None) is not None

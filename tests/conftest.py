@@ -8,7 +8,7 @@ built on it starts `python -m server` with that many Sanic workers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -19,7 +19,7 @@ from harness.fake_openrouter import FakeOpenRouter
 from harness.server import ServerProcess
 from server.conversation import Services
 from tests.support.apps import start_app_backend
-from tests.support.inprocess import Connect, FakeTranscriber, build_services, connector
+from tests.support.inprocess import Connect, FakeTranscriber, build_services, close_stores, connector
 
 WORKER_COUNTS = (1, 2)
 SAMPLE_RATE = 16000
@@ -41,6 +41,13 @@ def silence(seconds: float, sample_rate: int = SAMPLE_RATE) -> bytes:
 def running_server(**env: Any) -> AbstractContextManager[ServerProcess]:
     """`python -m server` with `env` on top of the test defaults, ready to use (every worker ready)."""
     return ServerProcess(**env)
+
+
+@pytest.fixture(autouse=True)
+async def close_inprocess_stores() -> AsyncIterator[None]:
+    """The session stores in-process tests opened are closed after each test (threads, files)."""
+    yield
+    await close_stores()
 
 
 @pytest.fixture

@@ -19,3 +19,8 @@ STORE_FAILURES = Counter(
     "Session store operations that failed because the backend was unavailable, by operation and backend",
     ["op", "backend"],
 )
+# Redis expires sessions by key TTL, unseen by the service: there, `adb_session_resumes{outcome="expired"}`
+# counts the expiries someone noticed.
+SESSIONS_EXPIRED = Counter(
+    "adb_sessions_expired", "Sessions purged by the SQLite store after SESSION_RESUME_WINDOW without activity"
+)

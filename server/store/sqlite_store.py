@@ -35,6 +35,7 @@ import orjson
 
 from server.store.errors import SessionExpired, SessionNotFound, SessionTakenOver, StoreUnavailable
 from server.store.interface import DEFAULT_OUTBOX_LIMIT, SessionStore, check_updatable, timed
+from server.store.metrics import SESSIONS_EXPIRED
 from server.store.model import Attachment, Event, Origin, SessionState, StoredMessage, message_id_for
 
 log = logging.getLogger("server.store")
@@ -535,6 +536,7 @@ class SqliteSessionStore(SessionStore):
             db.execute("INSERT OR REPLACE INTO tombstones SELECT value, 'expired', ? FROM json_each(?)", (now, ids))
             db.execute("DELETE FROM tombstones WHERE since <= ?", (now - self.tombstone_ttl,))
         if expired:
+            SESSIONS_EXPIRED.inc(len(expired))
             log.info("sessions expired", extra={"count": len(expired)})
         return len(expired)
 

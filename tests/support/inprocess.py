@@ -9,9 +9,12 @@ scriptable `FakeTranscriber` for the transcriber's failures.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from config import Settings
@@ -20,7 +23,9 @@ from llm.mock import MockProvider
 from server.conversation import Conversation, Services
 from server.generation import GenerationManager
 from server.protocol import Event, encode
-from server.sessions import SessionStore
+from server.sessions import AttachedSessions
+from server.store import SessionStore
+from server.store.sqlite_store import SqliteSessionStore
 from stt_pool.errors import BufferFull, SttError, SttOverloaded
 from stt_pool.interface import PartialCallback, Transcriber, TranscriptStream
 from stt_pool.mock import MockTranscriber
@@ -82,12 +87,22 @@ def settings_with(**values: Any) -> Settings:
 
 
 def build_services(
-    settings: Settings | None = None, transcriber: Transcriber | None = None, llm_delay: float = 0.0
+    settings: Settings | None = None,
+    transcriber: Transcriber | None = None,
+    llm_delay: float = 0.0,
+    store: SessionStore | None = None,
 ) -> Services:
+    """Services as a worker has them; the session store is a real SQLite store in a fresh temporary
+    directory (unless `store` is given), opened by the first connection and closed after the test."""
     settings = settings or settings_with()
+    if store is None:
+        state_dir = tempfile.mkdtemp(prefix="adb-inprocess-state-")
+        store = SqliteSessionStore(Path(state_dir), resume_window=settings.session_resume_window)
+        _directories.append(state_dir)
     return Services(
         settings=settings,
-        sessions=SessionStore(settings.max_ended_sessions_per_connection),
+        store=store,
+        sessions=AttachedSessions(),
         transcriber=transcriber or FakeTranscriber(settings.client_sample_rate, settings.max_recording_seconds),
         generations=GenerationManager(MockProvider(llm_delay), settings.llm_timeout),
     )
@@ -110,12 +125,32 @@ class InProcessClient(EventClient):
 
 Connect = Callable[[], AbstractAsyncContextManager[InProcessClient]]
 
+_started: list[SessionStore] = []
+_directories: list[str] = []
+
+
+async def started(store: SessionStore) -> SessionStore:
+    """Open `store` unless it is open already; `close_stores` closes it."""
+    if not any(store is open_store for open_store in _started):
+        await store.start()
+        _started.append(store)
+    return store
+
+
+async def close_stores() -> None:
+    """Close every store `started` opened and remove the temporary state directories (after each test)."""
+    while _started:
+        await _started.pop().close()
+    while _directories:
+        shutil.rmtree(_directories.pop(), ignore_errors=True)
+
 
 def connector(services: Services) -> Connect:
     """`async with connect() as client:` opens one connection to `services`; leaving it closes it."""
 
     @asynccontextmanager
     async def connect() -> AsyncIterator[InProcessClient]:
+        await started(services.store)
         client = InProcessClient(services)
         try:
             yield client
