@@ -11,6 +11,7 @@ import asyncio
 import base64
 import re
 from abc import ABC, abstractmethod
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -20,6 +21,15 @@ CHINESE = re.compile(r"[\u4e00-\u9fff]")
 STATUS_FIELDS = {"session_id", "status", "message"}
 SUGGESTION_FIELDS = {"session_id", "suggestions", "request_id"}
 ERROR_FIELDS = {"session_id", "error_code", "message", "details"}
+RESTORED_FIELDS = {
+    "session_id",
+    "status",
+    "message_count",
+    "response_count",
+    "has_modifications",
+    "restored_at",
+    "scenario_description",
+}
 ANY_SESSION = "<any>"
 
 
@@ -184,6 +194,18 @@ class EventClient(ABC):
         return await self.expect(
             "profile_archive", keys={"session_id", "user_profile", "target_profile"}, session_id=session_id
         )
+
+    async def resume(self, session_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        """session_resume up to `session_restored`, with each field of the type the current app casts it to."""
+        await self.send("session_resume", session_id=session_id)
+        data = await self.expect("session_restored", timeout, keys=RESTORED_FIELDS, session_id=session_id)
+        assert isinstance(data["status"], str), data
+        for field in ("message_count", "response_count"):
+            assert isinstance(data[field], int) and not isinstance(data[field], bool), data
+        assert isinstance(data["has_modifications"], bool), data
+        assert datetime.fromisoformat(data["restored_at"]).tzinfo is not None, data
+        assert data["scenario_description"] is None or isinstance(data["scenario_description"], str), data
+        return data
 
     async def still_works(self, session_id: str) -> None:
         """A valid request right after an error gets its normal answer, and nothing else came first."""

@@ -332,11 +332,13 @@ class Conversation:
                     log.warning("session store unavailable", extra={"session_id": held.session_id, "error": str(error)})
 
     async def _deliver_queued(self, held: Held) -> None:
-        for event in await self.store.drain_events(held.attachment):
-            if event["type"] == "message_recorded":
-                # A message another connection recorded (its drop or its takeover) joins this cache.
-                data = event["data"]
-                held.session.messages.append(Message(data["message_id"], data["sender"], data["content"]))
+        events = await self.store.drain_events(held.attachment)
+        cached = {message.message_id for message in held.session.messages}
+        if any(e["type"] == "message_recorded" and e["data"].get("message_id") not in cached for e in events):
+            # A message another connection recorded (at its drop or takeover) joins the cache from the store.
+            state = await self.store.load(held.session_id)
+            held.session.messages = Session.from_state(state).messages
+        for event in events:
             await self.send(event)
 
     async def _lose(self, held: Held) -> None:

@@ -161,6 +161,7 @@ def render() -> str:
         "max_recording_seconds": f"{defaults['max_recording_seconds']:g}",
         "max_sessions": defaults["max_sessions_per_connection"],
         "websocket_timeout": f"{defaults['websocket_timeout']:g}",
+        "session_resume_window": f"{defaults['session_resume_window']:g}",
         "partial_interval_ms": defaults["partial_interval_ms"],
         "max_text_chars": defaults["max_text_chars"],
         "max_label_chars": defaults["max_label_chars"],
