@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from llm.interface import ContextMessage, ConversationContext, PersonProfile
 from server.protocol import ErrorCode, Profile, ProtocolError
@@ -104,7 +105,7 @@ class Session:
         )
 
 
-def _profile(stored: dict[str, object] | None) -> Profile | None:
+def _profile(stored: dict[str, Any] | None) -> Profile | None:
     # Validated with the limits of its time when the client sent it; stored as `given()` wrote it.
     return None if stored is None else Profile.model_construct(**stored)
 
