@@ -668,9 +668,10 @@ class Conversation:
         self._forget(held)
         self.ended.append(session.session_id)
         await self.recordings.abort(session.session_id)
-        await self.send(profile_archive_event(session.session_id, session.user_profile, session.target_profile))
+        # Deleted before profile_archive confirms the end: the app may close the socket on reading it.
         with contextlib.suppress(SessionExpired, SessionNotFound):
             await self.store.delete(session.session_id)
+        await self.send(profile_archive_event(session.session_id, session.user_profile, session.target_profile))
 
     async def on_heartbeat(self, data: Heartbeat) -> None:
         """Keep-alive from the client: nothing to do, nothing to answer."""

@@ -1,0 +1,104 @@
+"""Sessions over real WebSockets against the real service, for both stores: a drop, a quiet connection, a SIGTERM.
+
+The heavy scenarios (real Vosk, two workers, SIGKILL, two instances behind nginx) are in the
+end-to-end suite; here each store gets the one sequence every app runs after a dropped connection.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import websockets
+
+from harness.client import ProtocolClient
+from harness.redis_server import RedisServer
+from harness.server import ServerProcess
+from tests.conftest import speech
+
+STORES = ("sqlite", "redis")
+
+
+async def barrier(client: ProtocolClient) -> None:
+    """Frames are handled in order: once this one is answered, every frame sent before it was handled
+    (an abort would otherwise discard audio still unread in the server's socket buffer)."""
+    await client.send("message_end", session_id="barrier")
+    await client.expect_error("SESSION_NOT_FOUND", "barrier")
+
+
+@pytest.fixture(scope="module", params=STORES)
+def service(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    with ExitStack() as stack:
+        env = {}
+        if request.param == "redis":
+            redis = stack.enter_context(RedisServer(password="resume-test-secret"))
+            env["SESSION_STORE_URL"] = redis.url
+        yield stack.enter_context(ServerProcess(**env))
+
+
+async def test_a_recording_cut_by_a_drop_arrives_after_the_resume(service: ServerProcess) -> None:
+    async with ProtocolClient(service.ws_url) as first:
+        session_id = await first.start_session(scenario_description="在银行")
+        await first.record(session_id, speech(0.5), "msg_001")
+        await first.open_recording(session_id)
+        await first.send_audio(session_id, speech(1.0))
+        await barrier(first)
+        first.ws.transport.abort()  # the network goes away: no close handshake
+    async with ProtocolClient(service.ws_url) as second:
+        restored = await second.resume(session_id, timeout=20)
+        assert restored["scenario_description"] == "在银行" and restored["response_count"] == 3
+        assert restored["message_count"] in (1, 2), "the cut message is stored by the time it is delivered"
+        recorded = await second.expect_recorded(session_id, "msg_002", "对方", spoken=True, timeout=20)
+        assert "1.0" in recorded["content"]
+        await second.expect_silence(0.3)
+        await second.record(session_id, speech(0.5), "msg_003")
+        await second.send("session_resume", session_id="never-created")
+        await second.expect_error("SESSION_NOT_FOUND", "never-created")
+        await second.end_session(session_id)
+    async with ProtocolClient(service.ws_url) as third:
+        await third.send("session_resume", session_id=session_id)
+        await third.expect_error("SESSION_EXPIRED", session_id)
+
+
+def test_the_redis_password_stays_out_of_logs_and_health(service: ServerProcess) -> None:
+    text = service.logs() + str(service.health())
+    assert "resume-test-secret" not in text
+    assert service.health()["services"]["session_manager"] == "healthy"
+
+
+async def test_quiet_is_idle_only_for_a_connection_without_a_session() -> None:
+    with ServerProcess(WEBSOCKET_TIMEOUT=1) as server:
+        async with ProtocolClient(server.ws_url) as idle, ProtocolClient(server.ws_url) as quiet:
+            session_id = await quiet.create_session()
+            with pytest.raises(websockets.ConnectionClosedOK):
+                await idle.recv(timeout=10)
+            assert idle.ws.close_code == 1000
+            await quiet.expect_silence(2.5)  # the user reads: more than twice WEBSOCKET_TIMEOUT
+            await quiet.still_works(session_id)
+
+
+async def test_sigterm_records_the_open_recording_and_closes_with_1012(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with ServerProcess(STATE_DIR=state) as server:
+        async with ProtocolClient(server.ws_url) as client:
+            session_id = await client.create_session()
+            await client.open_recording(session_id)
+            await client.send_audio(session_id, speech(1.0))
+            await barrier(client)
+            assert server.process is not None
+            server.process.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed):
+                await client.recv(timeout=20)
+            assert client.ws.close_code == 1012
+        assert server.process.wait(30) == 0
+        assert '"connections drained"' in server.logs()
+    with ServerProcess(STATE_DIR=state) as restarted:
+        async with ProtocolClient(restarted.ws_url) as client:
+            restored = await client.resume(session_id)
+            assert restored["message_count"] == 1
+            recorded = await client.expect_recorded(session_id, "msg_001", "对方", spoken=True)
+            assert "1.0" in recorded["content"]
+            await client.still_works(session_id)
