@@ -6,6 +6,7 @@ end-to-end suite; here each store gets the one sequence every app runs after a d
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -16,7 +17,7 @@ import websockets
 
 from harness.client import ProtocolClient
 from harness.redis_server import RedisServer
-from harness.server import ServerProcess
+from harness.server import ServerProcess, http_get
 from tests.conftest import speech
 
 STORES = ("sqlite", "redis")
@@ -61,6 +62,12 @@ async def test_a_recording_cut_by_a_drop_arrives_after_the_resume(service: Serve
     async with ProtocolClient(service.ws_url) as third:
         await third.send("session_resume", session_id=session_id)
         await third.expect_error("SESSION_EXPIRED", session_id)
+    status, body = http_get(service.base_url + "/metrics")
+    assert status == 200
+    metrics = body.decode()
+    for line in ('adb_session_resumes_total{outcome="restored"}', 'adb_session_resumes_total{outcome="expired"}'):
+        assert line in metrics, line
+    assert re.search(r"^adb_session_detaches_total [1-9]", metrics, re.MULTILINE), "the drop left a session detached"
 
 
 def test_the_redis_password_stays_out_of_logs_and_health(service: ServerProcess) -> None:
