@@ -1,6 +1,6 @@
 """`python -m bench` (or `make bench`): every benchmark, one after the other. Not a test."""
 
-from bench import bench_control, bench_llm, bench_speculation, bench_store, bench_stt
+from bench import bench_control, bench_llm, bench_resume, bench_speculation, bench_store, bench_stt
 
 if __name__ == "__main__":
     bench_stt.main()
@@ -12,3 +12,5 @@ if __name__ == "__main__":
     bench_control.main()
     print()
     bench_store.main()
+    print()
+    bench_resume.main()

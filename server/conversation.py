@@ -387,9 +387,8 @@ class Conversation:
         """The connection is gone (or the worker stops): every session it held stays resumable. Generations
         are cancelled, the session is detached first (so what follows is queued for the next holder), and
         an open recording is finished and recorded."""
-        for held in self.services.sessions.owned_by(self.connection_id):
-            if held.pump is not None:
-                held.pump.cancel()
+        # Pumps are cancelled (by _forget) only under the turn: one delivering events is never cut between
+        # taking them from the store and sending them.
         async with self._turn:
             for held in self.services.sessions.owned_by(self.connection_id):
                 self._forget(held)
