@@ -17,7 +17,7 @@ import websockets
 
 from harness.client import ProtocolClient
 from harness.redis_server import RedisServer
-from harness.server import ServerProcess, http_get
+from harness.server import ServerProcess, free_port, http_get
 from tests.conftest import speech
 
 STORES = ("sqlite", "redis")
@@ -109,3 +109,17 @@ async def test_sigterm_records_the_open_recording_and_closes_with_1012(tmp_path:
             recorded = await client.expect_recorded(session_id, "msg_001", "对方", spoken=True)
             assert "1.0" in recorded["content"]
             await client.still_works(session_id)
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_a_store_that_cannot_be_opened_stops_the_start_with_one_line(store: str, tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    env = {"STATE_DIR": not_a_directory / "state"}
+    if store == "redis":
+        env = {"SESSION_STORE_URL": f"redis://:secret-pw@127.0.0.1:{free_port()}/0"}
+    server = ServerProcess(**env)
+    with pytest.raises(RuntimeError, match="server exited with 2"):
+        server.start()
+    [line] = [line for line in server.logs().splitlines() if "session store unavailable" in line]
+    assert line.startswith("configuration error: ") and "secret-pw" not in server.logs()
