@@ -1,9 +1,14 @@
 """The `/conversation` state machine for one WebSocket connection.
 
 One handler per client event, each reading like its sequence in PROTOCOL.md. The dispatcher
-validates the frame, resolves the session (only sessions this connection owns) and turns every
-`ProtocolError` into one `error` event; the connection stays open whatever the client sends.
+validates the frame, resolves the session (only sessions attached to this connection) and turns
+every `ProtocolError` into one `error` event; the connection stays open whatever the client sends.
 The handler does not know how audio reaches Vosk: it talks to a `Transcriber`.
+
+Sessions live in the session store (server/store): a change is written there, then applied to the
+worker's cached `Session`, then confirmed. A dropped connection detaches its sessions (an open
+recording is finished, its `message_recorded` queued for the next holder); `session_resume`
+attaches them again on any worker or instance; a takeover silences the connection that lost them.
 """
 
 from __future__ import annotations
