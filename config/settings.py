@@ -135,7 +135,7 @@ class Settings(BaseSettings):
     session_store_fsync: bool = False
     # On SIGTERM: how long open recordings may take to be finished and recorded before the sockets
     # close with 1012 (inside the unit's TimeoutStopSec=30, with Sanic's own shutdown after it).
-    drain_timeout: float = Field(10.0, gt=0, le=20)
+    drain_timeout: float = Field(10.0, gt=0, le=15)
 
     # Logging.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

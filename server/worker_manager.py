@@ -9,6 +9,9 @@
   kills at once, as in Sanic.
 - SIGHUP (`systemctl reload`) restarts the Sanic workers, each new one started before its old one
   is stopped, so the port never goes unanswered. The STT pool is not restarted.
+- On shutdown the Sanic workers stop first, and the STT pool only once they have exited (or after
+  SERVER_STOP_WAIT seconds): a stopping worker still finishes its open recordings' transcripts
+  (DRAIN_TIMEOUT, server/app.py), which needs the pool.
 - A Sanic worker that dies (SIGKILL by the OOM killer, SIGBUS, a crash) is replaced at once.
   Sanic only records its state, so the port stayed bound by the main process with nobody
   accepting, and systemd saw a healthy service. A worker that keeps dying (more than
@@ -34,6 +37,8 @@ from sanic.worker.manager import WorkerManager
 log = logging.getLogger("sanic.root")
 
 MAX_REPLACEMENTS = 5
+# Longer than DRAIN_TIMEOUT's maximum plus Sanic's own stop; shorter than the unit's TimeoutStopSec=30.
+SERVER_STOP_WAIT = 20.0
 REPLACEMENT_WINDOW = 60.0
 # Sanic's monitor message for "restart every server worker, new one first" (what `app.m.restart(
 # all_workers=True, zero_downtime=True)` sends from a worker).
@@ -46,6 +51,7 @@ _sanic_init: Callable[..., None] = WorkerManager.__init__
 _sanic_shutdown_signal: Callable[..., None] = WorkerManager.shutdown_signal
 _sanic_monitor: Callable[..., None] = WorkerManager.monitor
 _sanic_sync_states: Callable[..., None] = WorkerManager._sync_states
+_sanic_shutdown: Callable[..., None] = WorkerManager.shutdown
 
 
 def _init(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -79,6 +85,16 @@ def _monitor(self: Any) -> None:
     _sanic_monitor(self)
     if getattr(self, "_stop_requested", False):
         self.shutdown()
+
+
+def _shutdown(self: Any) -> None:
+    servers = [process for process in self.transient_processes if process.is_alive()]
+    for process in servers:
+        process.terminate()
+    deadline = time.monotonic() + SERVER_STOP_WAIT
+    while any(process.is_alive() for process in servers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _sanic_shutdown(self)  # the STT pool, and any worker still alive
 
 
 def _sync_states(self: Any) -> None:
@@ -121,3 +137,4 @@ def install() -> None:
     WorkerManager.reload_signal = _reload_signal  # type: ignore[attr-defined]
     WorkerManager.monitor = _monitor  # type: ignore[method-assign]
     WorkerManager._sync_states = _sync_states  # type: ignore[method-assign]
+    WorkerManager.shutdown = _shutdown  # type: ignore[method-assign]
