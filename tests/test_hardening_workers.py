@@ -90,7 +90,8 @@ async def test_sighup_restarts_every_worker_new_first_while_health_keeps_answeri
                 server.process.send_signal(signal.SIGHUP)
                 with pytest.raises(websockets.ConnectionClosed) as closed:
                     await client.recv(timeout=60)  # the old worker closes its connections when it stops
-                assert closed.value.rcvd is not None and closed.value.rcvd.code in {1000, 1001}, "a clean close"
+                # A clean close that tells the app to reconnect and resume: 1012 (service restart).
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012, closed.value
             await asyncio.to_thread(wait_for, lambda: len(set(worker_pids(server)) - old) == 2, "two new workers")
             await asyncio.to_thread(wait_for, lambda: not any(psutil.pid_exists(pid) for pid in old), "old reaped")
         finally:

@@ -148,6 +148,9 @@ def test_the_unit_starts_the_server_as_its_user_with_its_directories_and_environ
     unit.create_directories()
 
     environment = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8"}
+    # systemd exports the directories it created for the unit (the session store uses STATE_DIRECTORY).
+    for key in DIRECTORY_BASES:
+        environment[key.removesuffix("Directory").upper() + "_DIRECTORY"] = str(unit.directories[key])
     for line in unit.unit["Environment"]:
         environment.update(assignment.split("=", 1) for assignment in shlex.split(line))
     env_file = staged_root / unit.single("EnvironmentFile").lstrip("/")
@@ -192,6 +195,8 @@ def test_the_unit_starts_the_server_as_its_user_with_its_directories_and_environ
         log_file = Path(environment["LOG_FILE"])
         assert log_file.stat().st_uid == account.pw_uid
         assert log_file.stat().st_mode & 0o007 == 0, "UMask=0027: the log is not world-readable"
+        sessions = unit.directories["StateDirectory"] / "sessions.sqlite3"
+        assert sessions.stat().st_uid == account.pw_uid and sessions.stat().st_mode & 0o077 == 0
 
         service.send_signal(getattr(signal, unit.single("KillSignal")))
         assert service.wait(int(unit.single("TimeoutStopSec"))) == 0, log.read_text()
