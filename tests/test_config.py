@@ -30,6 +30,7 @@ def run_server_expecting_exit(tmp_path: Path, **env: str) -> subprocess.Complete
         "HOST": "127.0.0.1",
         "PORT": str(free_port()),
         "RUNTIME_DIR": str(tmp_path / "run"),
+        "STATE_DIR": str(tmp_path / "state"),
         "VOSK_MODEL_PATH": str(tmp_path / "no-model"),
         **env,
     }
