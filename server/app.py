@@ -31,7 +31,7 @@ from server.engines import build_generations, build_provider, build_transcriber
 from server.metrics_endpoint import register_metrics_route
 from server.protocol import encode
 from server.sessions import AttachedSessions
-from server.store import SessionNotFound, SessionStore, StoreError, build_session_store
+from server.store import SessionExpired, SessionNotFound, SessionStore, StoreError, build_session_store
 from stt_pool.layout import POOL_PROCESS_NAME
 
 log = logging.getLogger("server.app")
@@ -278,7 +278,7 @@ async def _store_health(store: SessionStore) -> str:
     """The session store answers a read: an unknown id is reported as not found, not as a failure."""
     try:
         await store.load("readiness-probe")
-    except SessionNotFound:
+    except (SessionNotFound, SessionExpired):
         return "healthy"
     except StoreError:
         return "unavailable"
