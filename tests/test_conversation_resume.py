@@ -172,3 +172,16 @@ async def test_a_store_that_cannot_write_confirms_nothing(connect: Connect, serv
         await client.send("conversation_start", response_count=3)
         await client.expect_error("INTERNAL_ERROR")
         await client.expect_silence(0.2)
+
+
+async def test_an_attached_session_never_expires_however_quiet_the_app_is() -> None:
+    window = 0.5
+    short = connector(build_services(settings_with(session_resume_window=window)))
+    async with short() as client:
+        session_id = await client.create_session()
+        await client.expect_silence(3 * window)  # the user reads; the connection renews the window itself
+        await client.still_works(session_id)
+    await asyncio.sleep(3 * window)
+    async with short() as later:
+        await later.send("session_resume", session_id=session_id)
+        await later.expect_error("SESSION_EXPIRED", session_id)
