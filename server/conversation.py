@@ -295,7 +295,10 @@ class Conversation:
         if not self.services.sessions.release(held):
             return False
         metrics.SESSIONS.dec()
-        self.services.generations.cancel(held.session_id)
+        # Generations are kept per session in the worker: a new holder here (a takeover within the
+        # worker) may already run its own, which are not this connection's to cancel.
+        if not self.services.sessions.held_by_another(held.session_id, self.connection_id):
+            self.services.generations.cancel(held.session_id)
         self.dropping.discard(held.session_id)
         if held.pump is not None and held.pump is not asyncio.current_task():
             held.pump.cancel()
@@ -458,6 +461,8 @@ class Conversation:
         if held is not None:
             # The same connection resuming again: its earlier hold gives way to the new one.
             self._forget(held)
+        # Whatever this worker still generates for the session was for the connection that lost it.
+        self.services.generations.cancel(session_id)
         with contextlib.suppress(ValueError):
             self.lost.remove(session_id)
         session = Session.from_state(state)

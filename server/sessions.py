@@ -167,6 +167,9 @@ class AttachedSessions:
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, session_id=session_id)
         return held.session
 
+    def held_by_another(self, session_id: str, owner: str) -> bool:
+        return any(sid == session_id and who != owner for (who, sid) in self._held)
+
     def owned_by(self, owner: str) -> list[Held]:
         return [held for (who, _), held in self._held.items() if who == owner]
 

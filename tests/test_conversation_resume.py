@@ -185,3 +185,17 @@ async def test_an_attached_session_never_expires_however_quiet_the_app_is() -> N
     async with short() as later:
         await later.send("session_resume", session_id=session_id)
         await later.expect_error("SESSION_EXPIRED", session_id)
+
+
+async def test_a_connection_losing_a_session_late_leaves_the_new_holders_generation_alone() -> None:
+    slow = connector(build_services(llm_delay=0.3))
+    async with slow() as old, slow() as new:
+        session_id = await old.create_session()
+        # The old connection is busy (as while it finishes a long recording): it notices the
+        # takeover only after the new holder has started a generation of its own.
+        async with old.conversation._turn:
+            await new.resume(session_id)
+            await new.send("manual_generate", session_id=session_id)
+            await new.expect_status("generating_response", session_id)
+        await new.expect_suggestions("llm_response", session_id, 3)
+        await old.expect_silence(0.2)
