@@ -234,3 +234,20 @@ class ProtocolClient(EventClient):
     async def recv_raw(self, timeout: float) -> str | bytes:
         frame: str | bytes = await asyncio.wait_for(self.ws.recv(), timeout)
         return frame
+
+    @property
+    def local_port(self) -> int:
+        """This end's TCP port (`ServerProcess.serving_pid` finds the worker holding the other end)."""
+        return int(self.ws.local_address[1])
+
+    def drop(self) -> None:
+        """Lose the connection as a phone on a bad network does: a TCP reset, no closing handshake."""
+        self.ws.transport.abort()
+
+    async def close_code(self, timeout: float = 30.0) -> int | None:
+        """Read until the server closes the connection (failing on any event first); its close code."""
+        try:
+            event = await self.recv_raw(timeout)
+        except websockets.ConnectionClosed as closed:
+            return closed.rcvd.code if closed.rcvd is not None else None
+        raise AssertionError(f"expected the connection to close, got {event!r}")

@@ -1,4 +1,10 @@
-"""Run the real service (`python -m server`) as a subprocess on a free port, as a user would."""
+"""Run the real service (`python -m server`) as a subprocess on a free port, as a user would.
+
+A `ServerProcess` keeps its port, runtime and state directories (`STATE_DIR`, the SQLite session
+store) and log file across `restart()`, so a test can stop it (SIGTERM, as systemd does, or
+SIGKILL, as a crash does) and start it again as the same service. `serving_pid` tells which
+process (which Sanic worker) holds a given client's TCP connection.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +44,9 @@ def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 5
 class ServerProcess:
     """`with ServerProcess(VOSK_MODEL_PATH=...) as server:` starts, waits until ready, stops."""
 
-    def __init__(self, wait_for_stt: bool = True, **env: Any) -> None:
+    def __init__(self, wait_for_stt: bool = True, root: Path = ROOT, **env: Any) -> None:
+        # `root`: the checkout whose `python -m server` runs (a benchmark may compare another one).
+        self.root = root
         self.port = int(env.pop("PORT", 0)) or free_port()
         self.workdir = Path(tempfile.mkdtemp(prefix="adb-test-"))
         self.log_path = self.workdir / "server.log"
@@ -61,6 +70,11 @@ class ServerProcess:
         self.env.update({key: str(value) for key, value in env.items()})
         self.wait_for_stt = wait_for_stt
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.env["STATE_DIR"])
 
     @property
     def base_url(self) -> str:
@@ -71,10 +85,12 @@ class ServerProcess:
         return f"ws://127.0.0.1:{self.port}/conversation"
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
-        log = self.log_path.open("wb")
+        # A restart appends to the same log: what the service said before the stop stays readable.
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server"],
-            cwd=ROOT,
+            cwd=self.root,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -107,7 +123,10 @@ class ServerProcess:
         return result
 
     def logs(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+        """What the service logged since its last start."""
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_bytes()[self._log_offset :].decode("utf-8", errors="replace")
 
     def log_records(self) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in self.logs().splitlines() if line.startswith("{")]
@@ -123,6 +142,67 @@ class ServerProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         return self.process.wait()
+
+    def send_signal(self, signum: int) -> None:
+        """Signal the service's main process only (SIGTERM: the stop systemd sends), without waiting."""
+        assert self.process is not None and self.process.poll() is None, "the service is not running"
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """Wait for the main process to exit; whatever is left of its process group is then killed."""
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def kill(self) -> int:
+        """SIGKILL to every process of the service at once, as a crash or `kill -9` of the unit would."""
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        return self.process.wait()
+
+    def restart(self, kill: bool = False, timeout: float = 60.0) -> ServerProcess:
+        """Stop (SIGTERM, or SIGKILL with `kill=True`) and start again on the same port, state and log."""
+        if kill:
+            self.kill()
+        else:
+            self.stop()
+        return self.start(timeout)
+
+    def processes(self) -> list[psutil.Process]:
+        """The service's main process and all its descendants (Sanic workers, the Vosk pool); none once stopped."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        try:
+            main = psutil.Process(self.process.pid)
+            return [main, *main.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def serving_pid(self, client_port: int) -> int | None:
+        """The pid of the process holding the server side of the TCP connection from `client_port`."""
+        for process in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for conn in process.net_connections(kind="tcp"):
+                    if conn.laddr and conn.laddr.port == self.port and conn.raddr and conn.raddr.port == client_port:
+                        return process.pid
+        return None
+
+    def established_connections(self) -> int:
+        """How many TCP connections to the service's port its processes hold (e.g. proxied by nginx)."""
+        count = 0
+        for process in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                count += sum(
+                    1
+                    for conn in process.net_connections(kind="tcp")
+                    if conn.laddr and conn.laddr.port == self.port and conn.status == psutil.CONN_ESTABLISHED
+                )
+        return count
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from harness.server import free_port
@@ -45,11 +46,14 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
 class Nginx:
     """A prefix directory with an nginx.conf that includes `site` (ports and upstream rewritten for tests)."""
 
-    def __init__(self, prefix: Path, site: str, backend_port: int = 8000) -> None:
+    def __init__(self, prefix: Path, site: str, backend_port: int | Sequence[int] = 8000) -> None:
         self.prefix = prefix
         self.http_port = free_port()
         self.https_port = free_port()
-        site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{backend_port};")
+        # Several ports: the upstream gets one `server` line each, as a site balancing instances would.
+        ports = [backend_port] if isinstance(backend_port, int) else list(backend_port)
+        upstreams = "\n    ".join(f"server 127.0.0.1:{port};" for port in ports)
+        site = site.replace("server 127.0.0.1:8000;", upstreams)
         site = re.sub(r"listen \[::\]:\d+[^;]*;\n", "", site)
         site = site.replace("listen 80;", f"listen 127.0.0.1:{self.http_port};")
         site = site.replace("listen 443 ssl", f"listen 127.0.0.1:{self.https_port} ssl")
