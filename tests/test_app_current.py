@@ -93,12 +93,16 @@ async def test_a_whole_conversation(app_server: ServerProcess, fake_provider: Fa
         assert cast(archive, "target_profile", "Map") == TARGET_PROFILE
         assert archive["user_profile"] is None
         await app.expect_silence(0.5)
-    # The empty corpus was answered from the replies prepared with the first keywords (SPECULATIVE_REPLIES).
+    # The empty corpus is answered from the replies prepared with the first keywords (SPECULATIVE_REPLIES), or,
+    # when it arrives before they are written, also asked of the provider, racing them: at most one such call.
     speculative = [request.prompt for request in fake_provider.requests if request.task == "opinions_with_replies"]
     prompts = [request.prompt for request in fake_provider.requests if request.task == "replies"]
-    assert len(prompts) == 2
     assert "【用户的观点】（无）" in speculative[0], "an empty user_corpus is no opinion"
-    assert "想问能不能换一种药" in prompts[0], "user_corpus reaches the prompt"
+    typed = [prompt for prompt in prompts if "想问能不能换一种药" in prompt]
+    assert len(typed) == 2, "user_corpus reaches the prompt, and stays the opinion for the modification"
+    raced = [prompt for prompt in prompts if prompt not in typed]
+    assert len(raced) <= 1 and all("【用户的观点】（无）" in prompt for prompt in raced)
+    prompts = typed
     for fragment in ("王医生", "52 岁", "主治医生", "不要提费用", "常聊话题：睡眠、用药"):
         assert fragment in prompts[0], f"the target profile reaches the prompt: {fragment}"
     assert "[msg_1732950000102] 医生：（无语音内容）" in speculative[0], "the silent history message is kept"
