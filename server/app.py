@@ -101,6 +101,7 @@ def _register_listeners(app: App, settings: Settings) -> None:
         app.ctx.connections = 0
         app.ctx.connections_by_address = ConnectionCounter(settings.max_connections_per_ip)
         app.ctx.open_conversations = {}
+        app.ctx.closing = set()
         app.ctx.stopping = False
         app.ctx.services = Services(
             settings=settings,
@@ -159,6 +160,9 @@ def _register_listeners(app: App, settings: Settings) -> None:
     @app.after_server_stop
     async def stop_engines(app: App) -> None:
         services: Services = app.ctx.services
+        closing: set[asyncio.Task[None]] = app.ctx.closing
+        if closing:  # connections that ended just before the stop are still being detached
+            await asyncio.wait(closing, timeout=settings.drain_timeout)
         services.generations.cancel_all()
         await services.generations.provider.close()
         await services.transcriber.close()
@@ -268,10 +272,24 @@ def _register_routes(app: App) -> None:
         finally:
             by_address.leave(address)
             conversations.pop(conv, None)
-            await conv.close()
-            request.app.ctx.connections -= 1
-            metrics.CONNECTIONS.dec()
-            log.info("connection closed", extra={"connection_id": conv.connection_id})
+            # A closing handshake ends this loop by cancelling `recv`; the connection's loss then cancels
+            # the handler a second time (Sanic's connection_lost), maybe in the middle of the cleanup, which
+            # may wait on the store. The cleanup is a task of its own, which that cancel does not cut short.
+            cleanup = asyncio.create_task(_closed(request.app, conv), name=f"close:{conv.connection_id}")
+            closing: set[asyncio.Task[None]] = request.app.ctx.closing
+            closing.add(cleanup)
+            cleanup.add_done_callback(closing.discard)
+            await asyncio.shield(cleanup)
+
+
+async def _closed(app: App, conv: Conversation) -> None:
+    """A connection's end: its sessions detached (an open recording recorded), then it is counted closed."""
+    try:
+        await conv.close()
+    finally:
+        app.ctx.connections -= 1
+        metrics.CONNECTIONS.dec()
+        log.info("connection closed", extra={"connection_id": conv.connection_id})
 
 
 async def _store_health(store: SessionStore) -> str:

@@ -6,8 +6,11 @@ end-to-end suite; here each store gets the one sequence every app runs after a d
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -15,9 +18,11 @@ from pathlib import Path
 import pytest
 import websockets
 
+from harness.chaos_aftermath import live_gauges
 from harness.client import ProtocolClient
 from harness.redis_server import RedisServer
 from harness.server import ServerProcess, free_port, http_get
+from server.store.sqlite_store import DATABASE_NAME
 from tests.conftest import speech
 
 STORES = ("sqlite", "redis")
@@ -123,3 +128,35 @@ def test_a_store_that_cannot_be_opened_stops_the_start_with_one_line(store: str,
         server.start()
     [line] = [line for line in server.logs().splitlines() if "session store unavailable" in line]
     assert line.startswith("configuration error: ") and "secret-pw" not in server.logs()
+
+
+async def test_a_close_while_the_store_is_slow_still_ends_the_connection_and_detaches(tmp_path: Path) -> None:
+    """Found by the chaos test (seed 2889864157): a client closes while the store is slow to take the
+    detach. The closing handshake ends meanwhile and Sanic cancels the handler a second time, inside
+    its cleanup: the connection stayed counted open for good, its session held and never detached.
+    Here another writer holds the SQLite write lock until the client's close is over."""
+    with ServerProcess(STATE_DIR=tmp_path / "state", WORKERS=1) as server:
+        async with ProtocolClient(server.ws_url) as client:
+            session_id = await client.create_session()
+            client.ws.close_timeout = 1  # the handshake ends (or is cut) well within the store's 5 s of retries
+            other_writer = sqlite3.connect(server.state_dir / DATABASE_NAME, isolation_level=None)
+            try:
+                other_writer.execute("BEGIN IMMEDIATE")
+                await client.ws.close()
+                await asyncio.sleep(1.0)  # the server has seen the connection go and cancelled the handler
+            finally:
+                other_writer.execute("COMMIT")
+                other_writer.close()
+        deadline = time.monotonic() + 15
+        while (gauges := live_gauges(server)) != {
+            "adb_websocket_connections": 0.0,
+            "adb_sessions": 0.0,
+            "adb_open_recordings": 0.0,
+        }:
+            assert time.monotonic() < deadline, f"the closed connection is still counted: {gauges}"
+            await asyncio.sleep(0.1)
+        _, body = http_get(server.base_url + "/metrics")
+        assert re.search(r"^adb_session_detaches_total 1\.0$", body.decode(), re.MULTILINE), "detached once"
+        async with ProtocolClient(server.ws_url) as again:
+            restored = await again.resume(session_id)
+            assert restored["session_id"] == session_id
