@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(512 * 1024, ge=1024, le=64 * 1024 * 1024)
     # A client that has not read what it was sent for this long is closed (its recordings released).
     websocket_send_timeout: float = Field(20.0, gt=0, le=600)
+    # The server pings every WEBSOCKET_PING_INTERVAL s and closes (1011) a connection whose pong has not
+    # come within WEBSOCKET_PING_TIMEOUT s. Frames are handled in order, so a pong can wait behind a
+    # message_end that waits up to STT_TIMEOUT for its transcript: the timeout must be longer than that.
+    websocket_ping_interval: float = Field(20.0, gt=0, le=3600)
+    websocket_ping_timeout: float = Field(45.0, gt=0, le=3600)
     # High enough for many phones behind one carrier NAT; far below what exhausts a worker.
     max_connections_per_ip: int = Field(100, ge=1, le=100_000)
     # Origin allow-list for the WebSocket: ["*"], a JSON list or a comma-separated list.
@@ -214,6 +219,15 @@ class Settings(BaseSettings):
             if workers is not None and max_workers is not None and str(workers).strip() != str(max_workers).strip():
                 raise ValueError(f"MAX_WORKERS ({max_workers}) and WORKERS ({workers}) disagree: set only one")
         return data
+
+    @model_validator(mode="after")
+    def _pongs_outwait_transcripts(self) -> Settings:
+        if self.websocket_ping_timeout <= self.stt_timeout:
+            raise ValueError(
+                f"WEBSOCKET_PING_TIMEOUT ({self.websocket_ping_timeout:g}) must be longer than STT_TIMEOUT "
+                f"({self.stt_timeout:g}): a pong can wait behind a message_end that waits for its transcript"
+            )
+        return self
 
     @field_validator("openrouter_base_url")
     @classmethod

@@ -53,8 +53,8 @@ def create_app(settings: Settings | None = None) -> App:
         {
             # One rule: a frame above MAX_MESSAGE_BYTES closes the connection with 1009.
             "WEBSOCKET_MAX_SIZE": settings.max_message_bytes,
-            "WEBSOCKET_PING_INTERVAL": 20,
-            "WEBSOCKET_PING_TIMEOUT": 20,
+            "WEBSOCKET_PING_INTERVAL": settings.websocket_ping_interval,
+            "WEBSOCKET_PING_TIMEOUT": settings.websocket_ping_timeout,
             # Read by server/websocket_protocol.py: how long a client may leave our writes blocked.
             "WEBSOCKET_SEND_TIMEOUT": settings.websocket_send_timeout,
             "KEEP_ALIVE_TIMEOUT": 75,

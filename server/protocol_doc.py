@@ -161,6 +161,8 @@ def render() -> str:
         "max_recording_seconds": f"{defaults['max_recording_seconds']:g}",
         "max_sessions": defaults["max_sessions_per_connection"],
         "websocket_timeout": f"{defaults['websocket_timeout']:g}",
+        "ping_interval": f"{defaults['websocket_ping_interval']:g}",
+        "ping_timeout": f"{defaults['websocket_ping_timeout']:g}",
         "session_resume_window": f"{defaults['session_resume_window']:g}",
         "partial_interval_ms": defaults["partial_interval_ms"],
         "max_text_chars": defaults["max_text_chars"],

@@ -318,3 +318,13 @@ def test_a_runtime_dir_that_is_not_private_is_refused_and_not_emptied(tmp_path: 
     assert len(result.stderr.splitlines()) == 1
     assert "RUNTIME_DIR" in result.stderr
     assert (shared / "someone-elses-file").read_text() == "keep me"
+
+
+def test_a_ping_timeout_not_longer_than_the_stt_timeout_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pong can wait behind a message_end that waits STT_TIMEOUT for its transcript."""
+    monkeypatch.setenv("STT_TIMEOUT", "60")
+    with pytest.raises(ConfigError, match=r"WEBSOCKET_PING_TIMEOUT \(45\) must be longer than STT_TIMEOUT \(60\)"):
+        load_settings(os.devnull)
+    monkeypatch.setenv("WEBSOCKET_PING_TIMEOUT", "75")
+    settings = load_settings(os.devnull)
+    assert (settings.websocket_ping_timeout, settings.stt_timeout) == (75, 60)

