@@ -45,7 +45,7 @@ lint: venv-dev
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv-dev
-	$(VENV)/bin/mypy config server stt_pool llm
+	$(VENV)/bin/mypy config server stt_pool llm harness bench
 
 pytest: venv-dev
 	$(PY) -m pytest

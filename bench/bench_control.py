@@ -23,6 +23,7 @@ import statistics
 import time
 from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
+from typing import Any
 
 from bench.stats import percentile
 from harness.client import ProtocolClient
@@ -38,7 +39,7 @@ TARGET_ADDED_P99_MS = 2.0
 # bench_control on main before the session store was wired (sessions in the worker's memory),
 # idle server, on the 2-core development machine; used when no --baseline checkout is given.
 RECORDED_IN_MEMORY_P99_MS = 0.45
-SERVER_ENV = {"MAX_SESSIONS_PER_CONNECTION": 4, "MAX_CONNECTIONS_PER_IP": IDLE_CONNECTIONS + 1}
+SERVER_ENV: dict[str, Any] = {"MAX_SESSIONS_PER_CONNECTION": 4, "MAX_CONNECTIONS_PER_IP": IDLE_CONNECTIONS + 1}
 
 
 class Subject:

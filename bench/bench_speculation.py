@@ -64,7 +64,7 @@ def main() -> None:
 
 
 async def _run() -> None:
-    env = {
+    env: dict[str, Any] = {
         "OPENROUTER_API_KEY": KEY,
         "LLM_MAX_RETRIES": 0,
         "LLM_SESSION_BURST": 1000,

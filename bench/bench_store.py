@@ -25,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -114,7 +115,7 @@ async def competing_writer(state_dir: Path) -> AsyncIterator[None]:
     session = SessionState(str(uuid.uuid4()), 3)
     await store.create(session, "competitor")
     await store.close()
-    spec = {"backend": "sqlite", "state_dir": str(state_dir), "session_id": session.session_id}
+    spec: dict[str, Any] = {"backend": "sqlite", "state_dir": str(state_dir), "session_id": session.session_id}
     spec |= {"count": 10_000_000, "writer": 1, "start_at": 0, "interval": 1 / COMPETITOR_WRITES_PER_SECOND}
     process = subprocess.Popen(  # noqa: ASYNC220 - started once per round, outside the timed loop
         [sys.executable, "-m", "harness.store_writer", orjson.dumps(spec).decode()],

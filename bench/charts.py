@@ -86,7 +86,8 @@ def draw_concurrency(figures: SttFigures, path: Path) -> None:
         axes.plot(streams, shown, marker="o", color=COLOURS.get(name), label=NAMES.get(name, name))
         failed = [(count, ceiling) for count, p95 in points if math.isinf(p95)]
         if failed:
-            axes.scatter(*zip(*failed, strict=True), marker="x", s=80, color=COLOURS.get(name), zorder=3)
+            failed_x, failed_y = zip(*failed, strict=True)
+            axes.scatter(failed_x, failed_y, marker="x", s=80, color=COLOURS.get(name), zorder=3)
     axes.axhline(figures.latency_target * 1000, color="#667085", linestyle="--", linewidth=1)
     axes.annotate(
         f"目标 p95 ≤ {figures.latency_target * 1000:.0f} ms",

@@ -189,7 +189,7 @@ class ServerProcess:
             with contextlib.suppress(psutil.NoSuchProcess):
                 for conn in process.net_connections(kind="tcp"):
                     if conn.laddr and conn.laddr.port == self.port and conn.raddr and conn.raddr.port == client_port:
-                        return process.pid
+                        return int(process.pid)
         return None
 
     def established_connections(self) -> int:
