@@ -579,10 +579,10 @@ class Conversation:
         if recording.full:
             return  # AUDIO_TOO_LONG or a full buffer was answered once; the rest of the recording is dropped.
         settings = self.services.settings
-        pcm, sample_rate = decode_chunk(data, settings.client_sample_rate, settings.audio_channels)
+        chunk = decode_chunk(data, settings.client_sample_rate, settings.audio_channels)
         with stt_errors(session.session_id, recording.stream):
             try:
-                await self.recordings.append(recording, pcm, sample_rate)
+                await self.recordings.append(recording, chunk)
             except (AudioTooLong, BufferFull):
                 recording.full = True
                 raise

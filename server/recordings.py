@@ -8,12 +8,16 @@ from the recordings that really exist.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server import metrics
+from server.audio import Chunk, FrameCarry
 from stt_pool.interface import TranscriptStream
+
+log = logging.getLogger("server.recordings")
 
 
 @dataclass(slots=True)
@@ -24,6 +28,8 @@ class Recording:
     # The stream refused audio beyond the maximum length or its buffer space; later chunks are dropped.
     full: bool = False
     wall_clock: asyncio.Task[None] | None = None
+    # The bytes of a sample frame a chunk left incomplete, waiting for the next chunk.
+    carry: FrameCarry = field(default_factory=FrameCarry)
 
 
 WallLimitReached = Callable[[Recording], Awaitable[None]]
@@ -56,14 +62,20 @@ class Recordings:
         if self._open.get(recording.session_id) is recording:
             await on_wall_limit(recording)
 
-    async def append(self, recording: Recording, pcm: bytes, sample_rate: int) -> None:
-        """Hand PCM to the stream; whatever it kept counts as received, even when it refuses the rest."""
+    async def append(self, recording: Recording, chunk: Chunk) -> None:
+        """Hand the whole frames the chunk completes (as mono PCM) to the stream and carry the bytes of
+        an incomplete frame over to the next chunk; whatever the stream kept counts as received, even
+        when it refuses the rest. A chunk the stream refuses leaves the carry as it was."""
         stream = recording.stream
+        frames = recording.carry.frames(chunk)
         before = stream.received_bytes
         try:
-            await stream.append(pcm, sample_rate)
+            await stream.append(frames.pcm, chunk.sample_rate)
         finally:
             metrics.AUDIO_RECEIVED.inc((stream.received_bytes - before) / (2 * stream.sample_rate))
+        if frames.dropped:
+            _log_dropped(recording, frames.dropped, "the audio format changed")
+        recording.carry.advance(frames)
 
     async def finish(self, recording: Recording) -> str:
         """The final transcript; the recording is closed only once it arrived (on failure it stays open)."""
@@ -87,7 +99,15 @@ class Recordings:
         recording = self._open.pop(session_id, None)
         if recording is not None:
             metrics.RECORDINGS.dec()
+            if dropped := recording.carry.drop():
+                _log_dropped(recording, dropped, "the recording ended")
             # The wall clock may be what is closing the recording: it must not cancel itself.
             if recording.wall_clock is not None and recording.wall_clock is not asyncio.current_task():
                 recording.wall_clock.cancel()
         return recording
+
+
+def _log_dropped(recording: Recording, dropped: int, why: str) -> None:
+    """A partial sample frame no chunk can complete is dropped: a client cutting its stream by byte
+    count may leave one at the end, which is no error."""
+    log.debug("partial sample frame dropped", extra={"session_id": recording.session_id, "bytes": dropped, "why": why})
