@@ -34,7 +34,8 @@ from stt_pool.mock import MockTranscriber
 class FakeTranscriber(MockTranscriber):
     """The mock transcriber, plus failures queued by the test (`refuse` for opens, `fail_finish` for
     finishes), an optional capacity (beyond `capacity` open streams, opens are SttOverloaded) and
-    an optional buffer size (a stream refuses PCM beyond `buffer_bytes` with BufferFull)."""
+    an optional buffer size (a stream refuses PCM beyond `buffer_bytes` with BufferFull). `stored` has
+the PCM each stream was handed, exactly as the decoder would get it."""
 
     def __init__(self, sample_rate: int, max_seconds: float, capacity: int | None = None) -> None:
         super().__init__(sample_rate, max_seconds)
@@ -43,6 +44,8 @@ class FakeTranscriber(MockTranscriber):
         self.capacity = capacity
         self.open_streams = 0
         self.buffer_bytes: int | None = None
+        # The PCM each stream stored, one entry per opened stream in the order they were opened.
+        self.stored: list[bytearray] = []
 
     def refuse(self, error: SttError, times: int = 1) -> None:
         self.refusals.extend([error] * times)
@@ -58,11 +61,14 @@ class FakeTranscriber(MockTranscriber):
         stream = await super().open_stream(on_partial)
         finish, abort, store = stream.finish, stream.abort, stream._store
         self.open_streams += 1
+        stored = bytearray()
+        self.stored.append(stored)
 
         async def store_or_refuse(pcm: bytes) -> None:
             if self.buffer_bytes is not None and stream.received_bytes + len(pcm) > self.buffer_bytes:
                 raise BufferFull("no space for the audio buffer")
             await store(pcm)
+            stored.extend(pcm)
 
         async def finish_or_fail() -> str:
             if self.finish_failures:
