@@ -35,7 +35,7 @@ class FakeTranscriber(MockTranscriber):
     """The mock transcriber, plus failures queued by the test (`refuse` for opens, `fail_finish` for
     finishes), an optional capacity (beyond `capacity` open streams, opens are SttOverloaded) and
     an optional buffer size (a stream refuses PCM beyond `buffer_bytes` with BufferFull). `stored` has
-the PCM each stream was handed, exactly as the decoder would get it."""
+    the PCM each stream was handed, exactly as the decoder would get it."""
 
     def __init__(self, sample_rate: int, max_seconds: float, capacity: int | None = None) -> None:
         super().__init__(sample_rate, max_seconds)
