@@ -93,7 +93,8 @@ async def record(ctx: Context, conn: ChaosConnection, rng: random.Random) -> Non
     while offset < len(pcm):
         if drop == "mid" and offset >= drop_at:
             break
-        chunk = pcm[offset : offset + 2 * rng.randint(800, 16000)]
+        # Cut at any byte, as recorders and browser buffers may: a sample can straddle two chunks.
+        chunk = pcm[offset : offset + rng.randint(1600, 32000)]
         await conn.send_event("audio_stream", session_id=session_id, audio_chunk=b64(chunk))
         offset += len(chunk)
         if rng.random() < 0.12:

@@ -80,7 +80,6 @@ AUDIO: dict[str, Callable[[random.Random, str], Frame]] = {
     "bad_base64": lambda rng, sid: event(
         "audio_stream", session_id=sid, audio_chunk=rng.choice(["!!!!", "abc", "YWJj\n===", "☃"])
     ),
-    "odd_bytes": lambda rng, sid: event("audio_stream", session_id=sid, audio_chunk=b64(b"abc")),
     "unaccepted_rate": lambda rng, sid: event(
         "audio_stream",
         session_id=sid,
