@@ -111,6 +111,20 @@ async def test_transcript_equals_reference_whatever_the_chunking(pool_server, re
     assert references[LONG], "the fixture must produce a non-empty reference transcript"
 
 
+async def test_chunks_cut_inside_samples_give_the_transcript_of_whole_chunks(pool_server, references):
+    """A client may cut its stream at any byte: 1001- and 29-byte chunks split samples, and the
+    server carries the odd byte over, so the decoder gets the same PCM as from whole 100 ms chunks."""
+    pcm = read_pcm(SHORT)
+    async with ProtocolClient(pool_server.ws_url) as client:
+        session_id = await client.start_session()
+        transcripts = {}
+        for size in (3200, 1001, 29):
+            await stream_message(client, session_id, pcm, size)
+            transcripts[size] = await finish_message(client, session_id)
+    assert transcripts == dict.fromkeys((3200, 1001, 29), references[SHORT])
+    assert references[SHORT], "the fixture must produce a non-empty reference transcript"
+
+
 async def test_concurrent_real_time_sessions_each_get_their_own_transcript(pool_server, references):
     async def one(name: str, pace: float) -> str:
         async with ProtocolClient(pool_server.ws_url) as client:
