@@ -220,7 +220,7 @@ class AudioStream(SessionEvent):
     """Appends base64 PCM (s16le) to the open recording."""
 
     audio_chunk: AudioChunk = Field(
-        description="Base64 of the PCM bytes, a whole number of samples (frames if stereo)."
+        description="Base64 of the PCM bytes, of any length: chunk boundaries need not fall on sample frames."
     )
     format: Annotated[str, StringConstraints(max_length=32)] | None = Field(
         None, description="The audio encoding: 16-bit PCM only, under any of its accepted names."
