@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
 from config import Settings
 from llm.interface import Task
 from server import metrics
@@ -74,6 +76,9 @@ from stt_pool.interface import PartialCallback, Transcriber, TranscriptStream
 
 log = logging.getLogger("server.conversation")
 KEPT_FOR_RETRY = "，录音已保留，请重新发送 message_end"
+TRANSCRIPT_KEPT = "会话保存失败，识别结果已保留，请重新发送 message_end"
+# A recording cut by a drop is recorded for the next holder: a store that fails is tried again this often.
+DROP_RECORD_ATTEMPTS = 4
 STORE_FAILED = "会话保存失败，此操作未生效，请稍后重试"
 # An attached session counts as active at least this often (seconds), however quiet the app is.
 TOUCH_INTERVAL = 60.0
@@ -369,10 +374,18 @@ class Conversation:
             await self.recordings.abort(held.session_id)
             return
         try:
-            text = await self.recordings.finish(recording)
-            message = await self.store.append_message(
-                held.session_id, sender=recording.sender, content=text, origin="recorded"
-            )
+            text = await self.recordings.transcribe(recording)
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(StoreUnavailable),
+                stop=stop_after_attempt(DROP_RECORD_ATTEMPTS),
+                wait=wait_exponential(multiplier=0.5),
+                reraise=True,
+            ):
+                with attempt:
+                    message = await self.store.append_message(
+                        held.session_id, sender=recording.sender, content=text, origin="recorded"
+                    )
+            self.recordings.close(recording)
             event = message_recorded_event(held.session_id, message.message_id, text, recording.sender, spoken=True)
             await self.store.enqueue_event(held.session_id, event)
         except (SttError, StoreError) as error:
@@ -576,8 +589,10 @@ class Conversation:
         if session.session_id in self.dropping:
             return
         recording = self._open_recording(session)
-        if recording.full:
-            return  # AUDIO_TOO_LONG or a full buffer was answered once; the rest of the recording is dropped.
+        if recording.full or recording.transcript is not None:
+            # AUDIO_TOO_LONG or a full buffer was answered once, or the message already ended (its text
+            # waits for the store): the rest of the recording is dropped.
+            return
         settings = self.services.settings
         chunk = decode_chunk(data, settings.client_sample_rate, settings.audio_channels)
         with stt_errors(session.session_id, recording.stream):
@@ -602,14 +617,20 @@ class Conversation:
         self._generate(Task.OPINIONS, session)
 
     async def _record_transcript(self, session: Session, recording: Recording) -> None:
-        """Finish the open recording and record its text. On failure the recording stays open."""
+        """Finish the open recording and record its text. On failure the recording stays open (with its
+        text, if the store is what failed), for the `message_end` that the error asks for."""
         held = self._held(session)
         with stt_errors(session.session_id, recording.stream, finishing=True):
-            text = await self.recordings.finish(recording)
-        with self._stored(held):
-            stored = await self.store.append_message(
-                session.session_id, sender=recording.sender, content=text, origin="recorded"
-            )
+            text = await self.recordings.transcribe(recording)
+        try:
+            with self._stored(held):
+                stored = await self.store.append_message(
+                    session.session_id, sender=recording.sender, content=text, origin="recorded"
+                )
+        except StoreUnavailable as error:
+            log.error("session store unavailable", extra={"session_id": session.session_id, "error": str(error)})
+            raise ProtocolError(ErrorCode.INTERNAL_ERROR, TRANSCRIPT_KEPT, session_id=session.session_id) from None
+        self.recordings.close(recording)
         message = session.add(stored)
         log.info(
             "message recorded",

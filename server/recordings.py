@@ -30,6 +30,8 @@ class Recording:
     wall_clock: asyncio.Task[None] | None = None
     # The bytes of a sample frame a chunk left incomplete, waiting for the next chunk.
     carry: FrameCarry = field(default_factory=FrameCarry)
+    # The final text once the stream gave it; kept (the recording open) until it is recorded.
+    transcript: str | None = None
 
 
 WallLimitReached = Callable[[Recording], Awaitable[None]]
@@ -77,17 +79,23 @@ class Recordings:
             _log_dropped(recording, frames.dropped, "the audio format changed")
         recording.carry.advance(frames)
 
-    async def finish(self, recording: Recording) -> str:
-        """The final transcript; the recording is closed only once it arrived (on failure it stays open)."""
-        stream = recording.stream
-        started = time.perf_counter()
-        text = await stream.finish()
-        metrics.STT_FINAL_LATENCY.observe(time.perf_counter() - started)
-        metrics.AUDIO_DECODED.inc(stream.seconds)
-        if stream.decode_cpu_seconds is not None and stream.seconds > 0:
-            metrics.STT_RTF.observe(stream.decode_cpu_seconds / stream.seconds)
-        self._close(recording.session_id)
-        return text
+    async def transcribe(self, recording: Recording) -> str:
+        """The final transcript. The recording stays open until `close` (once its text is recorded): a
+        transcript the session store could not take yet is kept, never decoded twice nor lost."""
+        if recording.transcript is None:
+            stream = recording.stream
+            started = time.perf_counter()
+            recording.transcript = await stream.finish()
+            metrics.STT_FINAL_LATENCY.observe(time.perf_counter() - started)
+            metrics.AUDIO_DECODED.inc(stream.seconds)
+            if stream.decode_cpu_seconds is not None and stream.seconds > 0:
+                metrics.STT_RTF.observe(stream.decode_cpu_seconds / stream.seconds)
+        return recording.transcript
+
+    def close(self, recording: Recording) -> None:
+        """The recording's transcript is recorded: the recording is over."""
+        if self._open.get(recording.session_id) is recording:
+            self._close(recording.session_id)
 
     async def abort(self, session_id: str) -> None:
         """Drop the session's recording, if any, without a transcript."""

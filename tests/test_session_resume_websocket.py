@@ -195,3 +195,48 @@ async def test_pongs_behind_a_slow_transcript_do_not_close_the_connection(tmp_pa
             await client.expect_status("generating_opinions", session_id)
             await client.expect_suggestions("opinion_suggestions", session_id)
             await client.still_works(session_id)
+
+
+async def test_a_transcript_the_store_cannot_take_is_kept_for_the_next_message_end() -> None:
+    """The store fails after the transcript is final: the error says the text is kept, the next
+    message_end records that text (not decoded again), and the recording takes no more audio."""
+    with RedisServer(password="kept-transcript-secret") as redis, ServerProcess(SESSION_STORE_URL=redis.url) as server:
+        async with ProtocolClient(server.ws_url) as client:
+            session_id = await client.create_session()
+            await client.open_recording(session_id)
+            await client.send_audio(session_id, speech(1.0))
+            await barrier(client)
+            await asyncio.to_thread(redis.stop)
+            try:
+                await client.send("message_end", session_id=session_id)
+                await client.expect_status("processing_stt", session_id)
+                error = await client.expect_error("INTERNAL_ERROR", session_id, timeout=30)
+                assert "识别结果已保留" in error["message"] and "message_end" in error["message"], error
+                await client.send_audio(session_id, speech(2.0))  # the message has ended: no longer part of it
+            finally:
+                await asyncio.to_thread(redis.start)
+            await client.send("message_end", session_id=session_id)
+            await client.expect_status("processing_stt", session_id)
+            recorded = await client.expect_recorded(session_id, "msg_001", "对方", spoken=True, timeout=30)
+            assert "1.0" in recorded["content"], recorded
+        assert "kept-transcript-secret" not in server.logs()
+
+
+async def test_a_recording_cut_by_a_drop_while_the_store_is_down_is_recorded_once_it_is_back() -> None:
+    with RedisServer() as redis, ServerProcess(SESSION_STORE_URL=redis.url) as server:
+        async with ProtocolClient(server.ws_url) as first:
+            session_id = await first.create_session()
+            await first.open_recording(session_id)
+            await first.send_audio(session_id, speech(1.0))
+            await barrier(first)
+            await asyncio.to_thread(redis.stop)
+            try:
+                first.ws.transport.abort()
+                await asyncio.sleep(0.3)  # the server has seen the drop: its first store write fails
+            finally:
+                await asyncio.to_thread(redis.start)
+        async with ProtocolClient(server.ws_url) as second:
+            await second.resume(session_id, timeout=20)
+            recorded = await second.expect_recorded(session_id, "msg_001", "对方", spoken=True, timeout=20)
+            assert "1.0" in recorded["content"], recorded
+        assert "recording cut by a drop could not be recorded" not in server.logs()
