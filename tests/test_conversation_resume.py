@@ -6,11 +6,13 @@ Each `connect()` is a new connection to the same worker's services; leaving its 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from server.conversation import Services
 from server.store import SessionExpired
+from server.store.sqlite_store import SqliteSessionStore
 from tests.conftest import speech
 from tests.support.inprocess import Connect, build_services, connector, settings_with
 
@@ -199,3 +201,22 @@ async def test_a_connection_losing_a_session_late_leaves_the_new_holders_generat
             await new.expect_status("generating_response", session_id)
         await new.expect_suggestions("llm_response", session_id, 3)
         await old.expect_silence(0.2)
+
+
+async def test_a_confirmation_after_a_takeover_on_another_worker_goes_to_the_new_holder(tmp_path: Path) -> None:
+    """Two workers share one SQLite store; the old holder's worker has not polled the store since the
+    takeover (here it never does). A change the old connection makes meanwhile is stored, and its
+    confirmation goes to the new holder, not to the connection that lost the session."""
+    settings = settings_with()
+    unaware = SqliteSessionStore(tmp_path, resume_window=settings.session_resume_window, poll_interval=3600)
+    aware = SqliteSessionStore(tmp_path, resume_window=settings.session_resume_window)
+    first_worker = connector(build_services(settings, store=unaware))
+    second_worker = connector(build_services(settings, store=aware))
+    async with first_worker() as old, second_worker() as new:
+        session_id = await old.create_session()
+        await new.resume(session_id)
+        await old.send("user_selected_response", session_id=session_id, selected_content="谢谢医生", sender="我")
+        await old.expect_silence(0.3)
+        recorded = await new.expect_recorded(session_id, "usr_001", "我", spoken=False, timeout=5)
+        assert recorded["content"] == "谢谢医生"
+        await new.still_works(session_id)
