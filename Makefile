@@ -15,7 +15,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := espeak-ng sox shellcheck systemd nginx-light openssl prometheus curl acl util-linux passwd redis-server \
 	chromium fonts-noto-cjk
 
-.PHONY: run test venv venv-dev system-deps lint typecheck pytest bench soak docs clean
+.PHONY: run test venv venv-dev system-deps lint typecheck pytest bench soak docs screenshot clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ soak: venv-dev
 
 docs: venv-dev
 	$(PY) -m server.protocol_doc > docs/PROTOCOL.md
+
+# The console test, copying its screenshot to docs/images/console.png (shown in the README).
+screenshot: system-deps venv-dev
+	UPDATE_DOCS_SCREENSHOT=1 $(PY) -m pytest -q tests/test_console.py -k transcribes_suggests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
