@@ -6,7 +6,7 @@ every `ProtocolError` into one `error` event; the connection stays open whatever
 The handler does not know how audio reaches Vosk: it talks to a `Transcriber`.
 
 Sessions live in the session store (server/store): a change is written there, then applied to the
-worker's cached `Session`, then confirmed. A dropped connection detaches its sessions (an open
+worker's cached `SessionState`, then confirmed. A dropped connection detaches its sessions (an open
 recording is finished, its `message_recorded` queued for the next holder); `session_resume`
 attaches them again on any worker or instance; a takeover silences the connection that lost them.
 """
@@ -61,13 +61,15 @@ from server.protocol import (
     transcript_partial_event,
 )
 from server.recordings import Recording, Recordings
-from server.sessions import AttachedSessions, Held, Message, Session
+from server.sessions import AttachedSessions, Held
 from server.store import (
     Attachment,
     SessionExpired,
     SessionNotFound,
+    SessionState,
     SessionStore,
     SessionTakenOver,
+    StoredMessage,
     StoreError,
     StoreUnavailable,
 )
@@ -117,7 +119,7 @@ def stt_protocol_error(
     return ProtocolError(ErrorCode.STT_SERVICE_ERROR, message, session_id=session_id)
 
 
-def _check_room(session: Session, field: str, held: int, limit: int, reason: str) -> None:
+def _check_room(session: SessionState, field: str, held: int, limit: int, reason: str) -> None:
     """A per-session list (MAX_MESSAGES_PER_SESSION, ...) takes no more items once full."""
     if held >= limit:
         raise ProtocolError(
@@ -174,7 +176,7 @@ class Conversation:
             "session_resume": self.on_session_resume,
             "heartbeat": self.on_heartbeat,
         }
-        self._session_handlers: dict[str, Callable[[Session, Any], Awaitable[None]]] = {
+        self._session_handlers: dict[str, Callable[[SessionState, Any], Awaitable[None]]] = {
             "message_start": self.on_message_start,
             "audio_stream": self.on_audio_stream,
             "message_end": self.on_message_end,
@@ -248,7 +250,7 @@ class Conversation:
             log.exception("internal error", extra={"session_id": session_id, "connection_id": self.connection_id})
             await self.send(error_event(ProtocolError(ErrorCode.INTERNAL_ERROR, session_id=session_id)))
 
-    async def _session(self, session_id: str) -> Session | None:
+    async def _session(self, session_id: str) -> SessionState | None:
         """The session this connection holds; None (the frame is ignored) if it was taken over from it."""
         held = self.services.sessions.held(session_id, self.connection_id)
         if held is not None and held.attachment.taken_over.is_set():
@@ -273,7 +275,7 @@ class Conversation:
             self._forget(held)
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, session_id=held.session_id) from None
 
-    def _held(self, session: Session) -> Held:
+    def _held(self, session: SessionState) -> Held:
         held = self.services.sessions.held(session.session_id, self.connection_id)
         if held is None or held.session is not session:
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, session_id=session.session_id)
@@ -288,7 +290,7 @@ class Conversation:
 
     # -- holding sessions -------------------------------------------------------------------
 
-    def _hold(self, session: Session, attachment: Attachment) -> Held:
+    def _hold(self, session: SessionState, attachment: Attachment) -> Held:
         held = self.services.sessions.hold(self.connection_id, session, attachment)
         held.pump = asyncio.create_task(self._pump(held), name=f"session-pump:{session.session_id}")
         metrics.SESSIONS.inc()
@@ -350,7 +352,7 @@ class Conversation:
         if any(e["type"] == "message_recorded" and e["data"].get("message_id") not in cached for e in events):
             # A message another connection recorded (at its drop or takeover) joins the cache from the store.
             state = await self.store.load(held.session_id)
-            held.session.messages = Session.from_state(state).messages
+            held.session.messages = state.messages
         for event in events:
             await self.send(event)
 
@@ -418,7 +420,7 @@ class Conversation:
                         metrics.SESSION_DETACHES.inc()
                 await self._record_for_later(held)
 
-    def _generate(self, kind: Task, session: Session, **context: Any) -> None:
+    def _generate(self, kind: Task, session: SessionState, **context: Any) -> None:
         send = self._session_sender(self._held(session))
         self.services.generations.start(kind, session.context(**context), send, stream=session.stream_suggestions)
 
@@ -435,20 +437,23 @@ class Conversation:
 
     async def on_conversation_start(self, data: ConversationStart) -> None:
         self._check_session_room()
-        session = Session(
+        options = data.options
+        session = SessionState(
             session_id=str(uuid.uuid4()),
             response_count=data.response_count,
             scenario_description=data.scenario_description,
-            messages=[Message(m.message_id, m.sender, m.content) for m in data.history_messages],
-            partial_transcripts=data.options.partial_transcripts,
-            stream_suggestions=data.options.stream_suggestions,
-            opinion_prediction=(
-                data.options.opinion_prediction or self.services.generations.policy.opinion_prediction_for_all
-            ),
-            user_profile=data.user_profile,
-            target_profile=data.target_profile,
+            messages=[StoredMessage(m.message_id, m.sender, m.content, "history") for m in data.history_messages],
+            options={
+                "partial_transcripts": options.partial_transcripts,
+                "stream_suggestions": options.stream_suggestions,
+                "opinion_prediction": (
+                    options.opinion_prediction or self.services.generations.policy.opinion_prediction_for_all
+                ),
+            },
+            user_profile=data.user_profile.given() if data.user_profile else None,
+            target_profile=data.target_profile.given() if data.target_profile else None,
         )
-        attachment = await self.store.create(session.to_state(), self.connection_id)
+        attachment = await self.store.create(session, self.connection_id)
         self._hold(session, attachment)
         log.info("session created", extra={"session_id": session.session_id, "connection_id": self.connection_id})
         await self.send(session_created_event(session.session_id))
@@ -478,17 +483,16 @@ class Conversation:
         self.services.generations.cancel(session_id)
         with contextlib.suppress(ValueError):
             self.lost.remove(session_id)
-        session = Session.from_state(state)
-        held = self._hold(session, attachment)
+        held = self._hold(state, attachment)
         metrics.SESSION_RESUMES.labels("restored").inc()
         log.info("session resumed", extra={"session_id": session_id, "connection_id": self.connection_id})
         await self.send(
             session_restored_event(
                 session_id,
-                message_count=len(session.messages),
-                response_count=session.response_count,
-                has_modifications=bool(session.modifications),
-                scenario_description=session.scenario_description,
+                message_count=len(state.messages),
+                response_count=state.response_count,
+                has_modifications=bool(state.modifications),
+                scenario_description=state.scenario_description,
             )
         )
         try:
@@ -496,7 +500,7 @@ class Conversation:
         except SessionTakenOver:
             await self._lose(held)
 
-    async def on_message_start(self, session: Session, data: MessageStart) -> None:
+    async def on_message_start(self, session: SessionState, data: MessageStart) -> None:
         self.services.generations.cancel(session.session_id)
         self.dropping.discard(session.session_id)
         previous = self.recordings.get(session.session_id)
@@ -532,7 +536,7 @@ class Conversation:
         with self._stored(held):
             await self.store.touch(session_id)
 
-    def _check_room_for_a_recording(self, session: Session, replacing: bool) -> None:
+    def _check_room_for_a_recording(self, session: SessionState, replacing: bool) -> None:
         """A session holds at most MAX_MESSAGES_PER_SESSION messages, a connection at most
         MAX_RECORDINGS_PER_CONNECTION open recordings (one client cannot hold the decoders)."""
         settings = self.services.settings
@@ -545,7 +549,7 @@ class Conversation:
                 details=describe(limit=settings.max_recordings_per_connection),
             )
 
-    def _check_message_room(self, session: Session) -> None:
+    def _check_message_room(self, session: SessionState) -> None:
         limit = self.services.settings.max_messages_per_session
         _check_room(session, "messages", len(session.messages), limit, "本会话的消息数已达上限，请开始新的对话")
 
@@ -569,7 +573,7 @@ class Conversation:
                 return
             self.dropping.add(session.session_id)
 
-    def _partial_sender(self, session: Session) -> PartialCallback:
+    def _partial_sender(self, session: SessionState) -> PartialCallback:
         send = self._session_sender(self._held(session))
         session_id = session.session_id
 
@@ -579,13 +583,13 @@ class Conversation:
 
         return send_partial
 
-    def _open_recording(self, session: Session) -> Recording:
+    def _open_recording(self, session: SessionState) -> Recording:
         recording = self.recordings.get(session.session_id)
         if recording is None:
             raise ProtocolError(ErrorCode.NO_ACTIVE_MESSAGE, session_id=session.session_id)
         return recording
 
-    async def on_audio_stream(self, session: Session, data: AudioStream) -> None:
+    async def on_audio_stream(self, session: SessionState, data: AudioStream) -> None:
         if session.session_id in self.dropping:
             return
         recording = self._open_recording(session)
@@ -603,20 +607,20 @@ class Conversation:
                 raise
         await self._touch_now_and_then(session.session_id)
 
-    async def on_message_end(self, session: Session, data: MessageEnd) -> None:
+    async def on_message_end(self, session: SessionState, data: MessageEnd) -> None:
         if session.session_id in self.dropping:
             # The refusal was answered at message_start; the app ends the recording it was refused.
             self.dropping.discard(session.session_id)
             return
         await self._end_message(session, self._open_recording(session))
 
-    async def _end_message(self, session: Session, recording: Recording) -> None:
+    async def _end_message(self, session: SessionState, recording: Recording) -> None:
         await self.send(status_update_event(session.session_id, "processing_stt"))
         await self._record_transcript(session, recording)
         await self.send(status_update_event(session.session_id, "generating_opinions"))
         self._generate(Task.OPINIONS, session)
 
-    async def _record_transcript(self, session: Session, recording: Recording) -> None:
+    async def _record_transcript(self, session: SessionState, recording: Recording) -> None:
         """Finish the open recording and record its text. On failure the recording stays open (with its
         text, if the store is what failed), for the `message_end` that the error asks for."""
         held = self._held(session)
@@ -631,27 +635,27 @@ class Conversation:
             log.error("session store unavailable", extra={"session_id": session.session_id, "error": str(error)})
             raise ProtocolError(ErrorCode.INTERNAL_ERROR, TRANSCRIPT_KEPT, session_id=session.session_id) from None
         self.recordings.close(recording)
-        message = session.add(stored)
+        session.messages.append(stored)
         log.info(
             "message recorded",
             extra={
                 "session_id": session.session_id,
-                "message_id": message.message_id,
+                "message_id": stored.message_id,
                 "seconds": recording.stream.seconds,
             },
         )
         await self._confirm(
-            held, message_recorded_event(session.session_id, message.message_id, text, recording.sender, spoken=True)
+            held, message_recorded_event(session.session_id, stored.message_id, text, recording.sender, spoken=True)
         )
 
-    async def on_manual_generate(self, session: Session, data: ManualGenerate) -> None:
+    async def on_manual_generate(self, session: SessionState, data: ManualGenerate) -> None:
         focus, opinion = list(data.focused_message_ids), data.opinion
         with self._stored(self._held(session)):
             await self.store.update_fields(session.session_id, last_focus=focus, last_opinion=opinion)
         session.last_focus, session.last_opinion = focus, opinion
         await self._generate_replies(session)
 
-    async def on_user_modification(self, session: Session, data: UserModification) -> None:
+    async def on_user_modification(self, session: SessionState, data: UserModification) -> None:
         limit = self.services.settings.max_modifications_per_session
         _check_room(session, "modifications", len(session.modifications), limit, "本会话的修改意见数已达上限")
         with self._stored(self._held(session)):
@@ -660,39 +664,39 @@ class Conversation:
         self.services.generations.context_changed(session.session_id)
         await self._generate_replies(session)
 
-    async def _generate_replies(self, session: Session) -> None:
+    async def _generate_replies(self, session: SessionState) -> None:
         await self.send(status_update_event(session.session_id, "generating_response"))
         self._generate(Task.REPLIES, session, focused=tuple(session.last_focus), opinion=session.last_opinion)
 
-    async def on_user_selected_response(self, session: Session, data: UserSelectedResponse) -> None:
+    async def on_user_selected_response(self, session: SessionState, data: UserSelectedResponse) -> None:
         self._check_message_room(session)
         held = self._held(session)
         with self._stored(held):
             stored = await self.store.append_message(
                 session.session_id, sender=data.sender, content=data.selected_content, origin="selected"
             )
-        message = session.add(stored)
+        session.messages.append(stored)
         self.services.generations.context_changed(session.session_id)
         await self._confirm(
             held,
-            message_recorded_event(session.session_id, message.message_id, message.content, data.sender, spoken=False),
+            message_recorded_event(session.session_id, stored.message_id, stored.content, data.sender, spoken=False),
         )
         if session.opinion_prediction:
             self._generate(Task.PREDICTION, session)
 
-    async def on_scenario_supplement(self, session: Session, data: ScenarioSupplement) -> None:
+    async def on_scenario_supplement(self, session: SessionState, data: ScenarioSupplement) -> None:
         with self._stored(self._held(session)):
             await self.store.update_fields(session.session_id, scenario_supplement=data.supplement)
         session.scenario_supplement = data.supplement
         self.services.generations.context_changed(session.session_id)
 
-    async def on_response_count_update(self, session: Session, data: ResponseCountUpdate) -> None:
+    async def on_response_count_update(self, session: SessionState, data: ResponseCountUpdate) -> None:
         with self._stored(self._held(session)):
             await self.store.update_fields(session.session_id, response_count=data.response_count)
         session.response_count = data.response_count
         self.services.generations.context_changed(session.session_id)
 
-    async def on_conversation_end(self, session: Session, data: ConversationEnd) -> None:
+    async def on_conversation_end(self, session: SessionState, data: ConversationEnd) -> None:
         held = self._held(session)
         log.info("session ended", extra={"session_id": session.session_id, "connection_id": self.connection_id})
         self._forget(held)

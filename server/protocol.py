@@ -442,12 +442,11 @@ def session_restored_event(
     return {"type": "session_restored", "data": data}
 
 
-def profile_archive_event(session_id: str, user_profile: Profile | None, target_profile: Profile | None) -> Event:
-    data = {
-        "session_id": session_id,
-        "user_profile": user_profile.given() if user_profile else None,
-        "target_profile": target_profile.given() if target_profile else None,
-    }
+def profile_archive_event(
+    session_id: str, user_profile: dict[str, Any] | None, target_profile: dict[str, Any] | None
+) -> Event:
+    """The profiles as the session keeps them: the fields the client gave (`Profile.given()`)."""
+    data = {"session_id": session_id, "user_profile": user_profile, "target_profile": target_profile}
     return {"type": "profile_archive", "data": data}
 
 
