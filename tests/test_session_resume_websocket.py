@@ -27,15 +27,9 @@ from harness.speech import deterministic_model, read_pcm
 from server.store.sqlite_store import DATABASE_NAME
 from stt_pool.status import PoolStatus
 from tests.conftest import speech
+from tests.support.resume import leave_recording_open
 
 STORES = ("sqlite", "redis")
-
-
-async def barrier(client: ProtocolClient) -> None:
-    """Frames are handled in order: once this one is answered, every frame sent before it was handled
-    (an abort would otherwise discard audio still unread in the server's socket buffer)."""
-    await client.send("message_end", session_id="barrier")
-    await client.expect_error("SESSION_NOT_FOUND", "barrier")
 
 
 @pytest.fixture(scope="module", params=STORES)
@@ -52,9 +46,8 @@ async def test_a_recording_cut_by_a_drop_arrives_after_the_resume(service: Serve
     async with ProtocolClient(service.ws_url) as first:
         session_id = await first.start_session(scenario_description="在银行")
         await first.record(session_id, speech(0.5), "msg_001")
-        await first.open_recording(session_id)
-        await first.send_audio(session_id, speech(1.0))
-        await barrier(first)
+        # Every chunk is read before the abort, which would discard audio unread in the server's socket buffer.
+        await leave_recording_open(first, session_id, speech(1.0))
         first.ws.transport.abort()  # the network goes away: no close handshake
     async with ProtocolClient(service.ws_url) as second:
         restored = await second.resume(session_id, timeout=20)
@@ -100,9 +93,7 @@ async def test_sigterm_records_the_open_recording_and_closes_with_1012(tmp_path:
     with ServerProcess(STATE_DIR=state) as server:
         async with ProtocolClient(server.ws_url) as client:
             session_id = await client.create_session()
-            await client.open_recording(session_id)
-            await client.send_audio(session_id, speech(1.0))
-            await barrier(client)
+            await leave_recording_open(client, session_id, speech(1.0))
             assert server.process is not None
             server.process.send_signal(signal.SIGTERM)
             with pytest.raises(websockets.ConnectionClosed):

@@ -27,15 +27,15 @@ from harness.redis_server import RedisServer
 from harness.server import ServerProcess
 from harness.speech import deterministic_model, read_pcm, reference_transcript
 from tests.support.resume import (
-    barrier,
-    check_restored,
     cut_recording_delivered,
     events_until,
     events_until_closed,
     events_within,
+    leave_recording_open,
     none_of_session,
     on_worker,
     resume,
+    resume_checked,
 )
 
 STORES = ("sqlite", "redis")
@@ -127,15 +127,12 @@ async def test_a_recording_cut_by_a_dropped_connection_is_delivered_after_the_re
         session_id = await phone.start_session(2, scenario_description=SCENARIO)
         await phone.select(session_id, "您好，医生")
         await modify(phone, session_id, "说得简短一点", 2)
-        await phone.open_recording(session_id, sender="医生")
-        await phone.send_audio(session_id, pcm)
-        await barrier(phone)  # every chunk is in the server's hands before the line goes dead
+        await leave_recording_open(phone, session_id, pcm, sender="医生")
         phone.drop()
     async with client_of(service) as phone:
-        restored = await resume(phone, session_id)
         # The cut recording may still be in transcription when the resume arrives.
-        check_restored(
-            restored,
+        await resume_checked(
+            phone,
             session_id,
             message_count=(1, 2),
             response_count=2,
@@ -151,14 +148,8 @@ async def test_a_recording_cut_by_a_dropped_connection_is_delivered_after_the_re
             "sender": "医生",
         }
     async with client_of(service) as phone:
-        restored = await resume(phone, session_id)
-        check_restored(
-            restored,
-            session_id,
-            message_count=2,
-            response_count=2,
-            has_modifications=True,
-            scenario_description=SCENARIO,
+        await resume_checked(
+            phone, session_id, message_count=2, response_count=2, has_modifications=True, scenario_description=SCENARIO
         )
         await phone.expect_silence(1.0)  # delivered once: nothing is queued again
         assert (await phone.select(session_id, "明白了"))["message_id"] == "usr_003"
@@ -170,10 +161,7 @@ async def test_a_session_resumes_on_the_other_worker_and_back(service: ServerPro
         await first.select(session_id, "第一句")
         first_worker = service.serving_pid(first.local_port)
     async with on_worker(service, service.ws_url, not_pid=first_worker) as other:
-        restored = await resume(other, session_id)
-        check_restored(
-            restored, session_id, message_count=1, response_count=3, has_modifications=False, scenario_description=None
-        )
+        await resume_checked(other, session_id, message_count=1, response_count=3)
         assert (await other.select(session_id, "第二句"))["message_id"] == "usr_002"
     async with on_worker(service, service.ws_url, pid=first_worker) as back:
         restored = await resume(back, session_id)
@@ -221,9 +209,7 @@ async def test_a_recording_open_at_a_takeover_is_recorded_for_the_new_connection
 ) -> None:
     async with client_of(service) as old:
         session_id = await old.create_session(3)
-        await old.open_recording(session_id, sender="医生")
-        await old.send_audio(session_id, pcm)
-        await barrier(old)
+        await leave_recording_open(old, session_id, pcm, sender="医生")
         async with on_worker(service, service.ws_url, not_pid=service.serving_pid(old.local_port)) as new:
             restored = await resume(new, session_id)
             assert restored["message_count"] in (0, 1), restored
@@ -239,9 +225,7 @@ async def test_sigterm_mid_recording_closes_with_1012_and_the_restarted_service_
     async with client_of(service) as phone:
         session_id = await phone.start_session(3, scenario_description=SCENARIO)
         await phone.select(session_id, "我最近睡不好")
-        await phone.open_recording(session_id, sender="医生")
-        await phone.send_audio(session_id, pcm)
-        await barrier(phone)
+        await leave_recording_open(phone, session_id, pcm, sender="医生")
         service.send_signal(signal.SIGTERM)
         try:
             before_close, code = await events_until_closed(phone)
@@ -252,15 +236,7 @@ async def test_sigterm_mid_recording_closes_with_1012_and_the_restarted_service_
     assert code == GOING_AWAY_FOR_RESTART, f"closed with {code}: {before_close}\n{stopping_logs[-3000:]}"
     assert exit_code == 0, stopping_logs[-3000:]
     async with client_of(service) as phone:
-        restored = await resume(phone, session_id)
-        check_restored(
-            restored,
-            session_id,
-            message_count=2,
-            response_count=3,
-            has_modifications=False,
-            scenario_description=SCENARIO,
-        )
+        await resume_checked(phone, session_id, message_count=2, response_count=3, scenario_description=SCENARIO)
         recorded = await cut_recording_delivered(phone, before_close)
         assert recorded["message_id"] == "msg_002" and recorded["message_content"] == transcript, recorded
         assert recorded["content"] == transcript and recorded["sender"] == "医生", recorded
@@ -281,14 +257,8 @@ async def test_after_sigkill_everything_confirmed_is_there_and_reaches_the_promp
     await asyncio.to_thread(service.start)
     fake.reset()
     async with client_of(service) as phone:
-        restored = await resume(phone, session_id)
-        check_restored(
-            restored,
-            session_id,
-            message_count=2,
-            response_count=4,
-            has_modifications=True,
-            scenario_description=SCENARIO,
+        await resume_checked(
+            phone, session_id, message_count=2, response_count=4, has_modifications=True, scenario_description=SCENARIO
         )
         await phone.expect_silence(0.5)
         await phone.generate_replies(session_id, 4, focused_message_ids=[], user_opinion="想问副作用")

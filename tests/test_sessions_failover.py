@@ -21,12 +21,12 @@ from harness.server import ServerProcess
 from tests.conftest import speech
 from tests.support.nginx import Nginx, plain_site
 from tests.support.resume import (
-    barrier,
-    check_restored,
     cut_recording_delivered,
     events_until_closed,
+    leave_recording_open,
     reconnect,
     resume,
+    resume_checked,
 )
 
 SCENARIO = "在银行柜台办业务"
@@ -73,16 +73,8 @@ async def test_the_instance_holding_the_conversation_dies_and_the_other_resumes_
         with pytest.raises(websockets.ConnectionClosed):
             await phone.recv(30.0)  # nginx closes the client's side when its upstream dies
     async with reconnect(cluster.url) as phone:  # the dead instance refuses, nginx tries the other
-        restored = await resume(phone, session_id)
+        await resume_checked(phone, session_id, message_count=2, response_count=3, scenario_description=SCENARIO)
         assert cluster.holder()[0] is other
-        check_restored(
-            restored,
-            session_id,
-            message_count=2,
-            response_count=3,
-            has_modifications=False,
-            scenario_description=SCENARIO,
-        )
         await phone.expect_silence(0.5)
         assert (await phone.select(session_id, "需要带身份证吗"))["message_id"] == "usr_003"
     await asyncio.to_thread(holder.start)
@@ -91,9 +83,7 @@ async def test_the_instance_holding_the_conversation_dies_and_the_other_resumes_
 async def test_a_deploy_restart_mid_recording_is_resumed_on_the_other_instance(cluster: Cluster) -> None:
     async with ProtocolClient(cluster.url) as phone:
         session_id = await phone.start_session(3, scenario_description=SCENARIO)
-        await phone.open_recording(session_id, sender="柜员")
-        await phone.send_audio(session_id, speech(3.0))
-        await barrier(phone)
+        await leave_recording_open(phone, session_id, speech(3.0), sender="柜员")
         holder, other = cluster.holder()
         holder.send_signal(signal.SIGTERM)
         before_close, code = await events_until_closed(phone, 30.0)

@@ -26,16 +26,18 @@ RECONNECT_TRIES = 5
 FIRST_RECONNECT_PAUSE = 0.5
 
 
-def check_restored(
-    data: dict[str, Any],
+async def resume_checked(
+    client: ProtocolClient,
     session_id: str,
     *,
     message_count: int | tuple[int, ...],
     response_count: int,
-    has_modifications: bool,
-    scenario_description: str | None,
-) -> None:
-    """Every field the current app casts from `session_restored`, with its Dart type and value."""
+    has_modifications: bool = False,
+    scenario_description: str | None = None,
+) -> dict[str, Any]:
+    """`session_resume`; the `session_restored` answering it carries every field the current app casts,
+    with its Dart type and the value given here (`message_count`: one of them, if several)."""
+    data = await resume(client, session_id)
     assert cast(data, "session_id", "String") == session_id, data
     assert cast(data, "status", "String"), data
     counts = (message_count,) if isinstance(message_count, int) else message_count
@@ -47,6 +49,7 @@ def check_restored(
     restored_at = datetime.fromisoformat(cast(data, "restored_at", "String"))
     assert restored_at.tzinfo is not None, f"restored_at carries its offset: {data}"
     assert abs(datetime.now(UTC) - restored_at) < timedelta(minutes=5), data
+    return data
 
 
 async def resume(client: ProtocolClient, session_id: str, timeout: float = 30.0) -> dict[str, Any]:
@@ -58,6 +61,13 @@ async def barrier(client: ProtocolClient) -> None:
     """Everything sent before this has been read by the server: it answers an unknown event in order."""
     await client.send("barrier_probe")
     await client.expect_error("INVALID_EVENT_TYPE")
+
+
+async def leave_recording_open(client: ProtocolClient, session_id: str, pcm: bytes, *, sender: str = "对方") -> None:
+    """A recording under way when the line goes: opened, `pcm` sent, and every chunk in the server's hands."""
+    await client.open_recording(session_id, sender=sender)
+    await client.send_audio(session_id, pcm)
+    await barrier(client)
 
 
 async def events_until(client: ProtocolClient, event_type: str, timeout: float = 60.0) -> list[dict[str, Any]]:
