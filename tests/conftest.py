@@ -128,3 +128,15 @@ def fresh_fake(fake: FakeOpenRouter) -> FakeOpenRouter:
     """The module's fake provider with no requests recorded and no scripted answers left from earlier tests."""
     fake.reset()
     return fake
+
+
+def service_against_fake(key: str, **settings: Any) -> Any:
+    """A module's `service` fixture: the real service, its OpenRouter client using `key` against the module's
+    `fake` provider, with `settings` (environment variables) of its own."""
+
+    @pytest.fixture(scope="module")
+    def service(fake: FakeOpenRouter) -> Iterator[ServerProcess]:
+        with ServerProcess(OPENROUTER_API_KEY=key, OPENROUTER_BASE_URL=fake.url, **settings) as server:
+            yield server
+
+    return service

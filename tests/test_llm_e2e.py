@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 
 import pytest
 
 from harness.client import ProtocolClient
 from harness.fake_openrouter import FakeOpenRouter, Reply
 from harness.server import ServerProcess
+from tests.conftest import service_against_fake
 
 KEY = "sk-test-e2e-5b8e2c1f9a7d3e6b4c0a"
 LLM_TIMEOUT = 2.0
@@ -21,18 +21,14 @@ WAIT = 30.0
 pytestmark = pytest.mark.usefixtures("fresh_fake")
 
 
-@pytest.fixture(scope="module")
-def service(fake: FakeOpenRouter) -> Iterator[ServerProcess]:
-    with ServerProcess(
-        OPENROUTER_API_KEY=KEY,
-        OPENROUTER_BASE_URL=fake.url,
-        OPENROUTER_MODEL="test/e2e-model",
-        OPENROUTER_SITE_URL="https://example.org/dialogue",
-        LLM_TIMEOUT=LLM_TIMEOUT,
-        LLM_MAX_RETRIES=1,
-        LOG_LEVEL="DEBUG",
-    ) as server:
-        yield server
+service = service_against_fake(
+    KEY,
+    OPENROUTER_MODEL="test/e2e-model",
+    OPENROUTER_SITE_URL="https://example.org/dialogue",
+    LLM_TIMEOUT=LLM_TIMEOUT,
+    LLM_MAX_RETRIES=1,
+    LOG_LEVEL="DEBUG",
+)
 
 
 async def _manual_generate(client: ProtocolClient, session_id: str, **data: object) -> None:

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness.client import ProtocolClient
 from harness.fake_openrouter import FakeOpenRouter, RecordedRequest, Reply
 from harness.server import ServerProcess, http_get
-from tests.conftest import speech
+from tests.conftest import service_against_fake, speech
 
 KEY = "sk-test-speculation-7e1a3c5b9d2f"
 WAIT = 30.0
@@ -27,20 +27,16 @@ PROMPT_BUDGET = 12000
 pytestmark = pytest.mark.usefixtures("fresh_fake")
 
 
-@pytest.fixture(scope="module")
-def service(fake: FakeOpenRouter) -> Iterator[ServerProcess]:
-    with ServerProcess(
-        OPENROUTER_API_KEY=KEY,
-        OPENROUTER_BASE_URL=fake.url,
-        LLM_TIMEOUT=20,
-        LLM_MAX_RETRIES=0,
-        LLM_SESSION_BURST=BURST,
-        LLM_SESSION_RATE_PER_MINUTE=1,
-        LLM_PROMPT_CHAR_BUDGET=PROMPT_BUDGET,
-        MAX_TEXT_CHARS=1_000_000,  # the largest text the protocol can be set to accept, for the 3 MB message
-        MAX_MESSAGE_BYTES=4 * 1024 * 1024,  # and a frame that can carry it
-    ) as server:
-        yield server
+service = service_against_fake(
+    KEY,
+    LLM_TIMEOUT=20,
+    LLM_MAX_RETRIES=0,
+    LLM_SESSION_BURST=BURST,
+    LLM_SESSION_RATE_PER_MINUTE=1,
+    LLM_PROMPT_CHAR_BUDGET=PROMPT_BUDGET,
+    MAX_TEXT_CHARS=1_000_000,  # the largest text the protocol can be set to accept, for the 3 MB message
+    MAX_MESSAGE_BYTES=4 * 1024 * 1024,  # and a frame that can carry it
+)
 
 
 def tasks(fake: FakeOpenRouter) -> list[str]:
