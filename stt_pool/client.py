@@ -17,30 +17,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stt_pool import wire
 from stt_pool.buffers import PcmWriter, capacity_for
 from stt_pool.errors import SttError, SttOverloaded, SttTimeout
 from stt_pool.interface import PartialCallback, Transcriber, TranscriptStream
 from stt_pool.layout import buffer_path, socket_path
 from stt_pool.status import PoolState, PoolStatus, SlotState
-from stt_pool.wire import (
-    Abort,
-    Data,
-    Failed,
-    Final,
-    Finish,
-    Open,
-    Opened,
-    Partial,
-    Refused,
-    ToDecoder,
-    ToWorker,
-    encode,
-    worker_reader,
-)
 
 log = logging.getLogger("stt_pool.client")
 
 RECONNECT_INTERVAL = 0.1
+# How a decoding process answers `open`.
+OpenReply = wire.Opened | wire.Refused | wire.Failed
 
 
 class DecoderLink:
@@ -53,16 +41,16 @@ class DecoderLink:
         self.reader_task: asyncio.Task[None] | None = None
         self.streams: dict[str, PoolStream] = {}
         # Replies awaited to `open`; None stands for the connection lost before the reply.
-        self.pending_opens: dict[str, asyncio.Future[Opened | Refused | Failed | None]] = {}
+        self.pending_opens: dict[str, asyncio.Future[OpenReply | None]] = {}
 
     @property
     def alive(self) -> bool:
         return self.writer is not None and not self.writer.is_closing()
 
-    def send(self, record: ToDecoder) -> None:
+    def send(self, record: wire.ToDecoder) -> None:
         # Synchronous and ordered: records of one stream can never overtake each other.
         if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(encode(record))
+            self.writer.write(wire.encode(record))
 
 
 class PoolStream(TranscriptStream):
@@ -76,10 +64,10 @@ class PoolStream(TranscriptStream):
         self.finishing = False
         self.released = False
         self.link: DecoderLink | None = None
-        self.final: asyncio.Future[Final] = asyncio.get_running_loop().create_future()
+        self.final: asyncio.Future[wire.Final] = asyncio.get_running_loop().create_future()
 
-    def open_record(self, force: bool) -> Open:
-        return Open(
+    def open_record(self, force: bool) -> wire.Open:
+        return wire.Open(
             stream_id=self.stream_id,
             sample_rate=self.sample_rate,
             partials=self.on_partial is not None,
@@ -93,12 +81,14 @@ class PoolStream(TranscriptStream):
         self.buffer.write(offset, pcm)
         self.written += len(pcm)
         if self.link is not None:
-            self.link.send(Data(stream_id=self.stream_id, sample_rate=self.sample_rate, offset=offset, length=len(pcm)))
+            self.link.send(
+                wire.Data(stream_id=self.stream_id, sample_rate=self.sample_rate, offset=offset, length=len(pcm))
+            )
 
     async def finish(self) -> str:
         self.finishing = True
         if self.link is not None:
-            self.link.send(Finish(stream_id=self.stream_id, end=self.written))
+            self.link.send(wire.Finish(stream_id=self.stream_id, end=self.written))
         try:
             result = await asyncio.wait_for(asyncio.shield(self.final), self.pool.timeout)
         except TimeoutError:
@@ -109,7 +99,7 @@ class PoolStream(TranscriptStream):
 
     async def abort(self) -> None:
         if self.link is not None:
-            self.link.send(Abort(stream_id=self.stream_id))
+            self.link.send(wire.Abort(stream_id=self.stream_id))
         self._release()
 
     def _release(self) -> None:
@@ -213,7 +203,7 @@ class PoolTranscriber(Transcriber):
         self._link_changed.set()
 
     async def _read(self, link: DecoderLink, reader: asyncio.StreamReader) -> None:
-        records = worker_reader()
+        records = wire.worker_reader()
         try:
             while data := await reader.read(65536):
                 for record in records.feed(data):
@@ -222,8 +212,8 @@ class PoolTranscriber(Transcriber):
             pass
         self._lost(link)
 
-    def _dispatch(self, link: DecoderLink, record: ToWorker) -> None:
-        if isinstance(record, Opened | Refused | Failed) and record.stream_id in link.pending_opens:
+    def _dispatch(self, link: DecoderLink, record: wire.ToWorker) -> None:
+        if isinstance(record, OpenReply) and record.stream_id in link.pending_opens:
             future = link.pending_opens.pop(record.stream_id)
             if not future.done():
                 future.set_result(record)
@@ -231,11 +221,11 @@ class PoolTranscriber(Transcriber):
         stream = link.streams.get(record.stream_id)
         if stream is None:
             return
-        if isinstance(record, Final) and not stream.final.done():
+        if isinstance(record, wire.Final) and not stream.final.done():
             stream.final.set_result(record)
-        elif isinstance(record, Failed) and not stream.final.done():
+        elif isinstance(record, wire.Failed) and not stream.final.done():
             stream.final.set_exception(SttError(record.error))
-        elif isinstance(record, Partial) and stream.on_partial is not None:
+        elif isinstance(record, wire.Partial) and stream.on_partial is not None:
             asyncio.create_task(stream.on_partial(record.text))  # noqa: RUF006 (fire and forget)
 
     def _lost(self, link: DecoderLink) -> None:
@@ -283,24 +273,24 @@ class PoolTranscriber(Transcriber):
     async def _place(self, stream: PoolStream, force: bool) -> None:
         for link in self._candidates():
             reply = await self._ask_open(link, stream, force)
-            if isinstance(reply, Opened) and stream.released:
-                link.send(Abort(stream_id=stream.stream_id))  # aborted while being replayed
+            if isinstance(reply, wire.Opened) and stream.released:
+                link.send(wire.Abort(stream_id=stream.stream_id))  # aborted while being replayed
                 return
-            if isinstance(reply, Opened):
+            if isinstance(reply, wire.Opened):
                 stream.link = link
                 link.streams[stream.stream_id] = stream
                 self.orphans.pop(stream.stream_id, None)
                 return
-            if isinstance(reply, Failed):
+            if isinstance(reply, wire.Failed):
                 raise SttError(reply.error)
         if force:
             self.orphans[stream.stream_id] = stream
             return
         raise SttOverloaded("every decoding process is at capacity")
 
-    async def _ask_open(self, link: DecoderLink, stream: PoolStream, force: bool) -> Opened | Refused | Failed | None:
+    async def _ask_open(self, link: DecoderLink, stream: PoolStream, force: bool) -> OpenReply | None:
         """Offer `stream` to one decoding process; None if it did not answer in time."""
-        future: asyncio.Future[Opened | Refused | Failed | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[OpenReply | None] = asyncio.get_running_loop().create_future()
         link.pending_opens[stream.stream_id] = future
         link.send(stream.open_record(force))
         try:
@@ -317,7 +307,7 @@ class PoolTranscriber(Transcriber):
         # The process may still open the stream when it gets to the request (it was paused,
         # or the recording was abandoned meanwhile): the abort behind it makes it forget it.
         link.pending_opens.pop(stream.stream_id, None)
-        link.send(Abort(stream_id=stream.stream_id))
+        link.send(wire.Abort(stream_id=stream.stream_id))
 
     async def _wait_ready(self) -> None:
         loop = asyncio.get_running_loop()

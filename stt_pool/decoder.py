@@ -26,27 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from stt_pool import wire
 from stt_pool.buffers import PcmReader
 from stt_pool.interface import SAMPLE_RATES
 from stt_pool.layout import buffer_path
 from stt_pool.status import PoolStatus, SlotState
 from stt_pool.text import join_segments
-from stt_pool.wire import (
-    Abort,
-    Data,
-    Failed,
-    Final,
-    Finish,
-    Open,
-    Opened,
-    Partial,
-    RecordReader,
-    Refused,
-    ToDecoder,
-    ToWorker,
-    decoder_reader,
-    encode,
-)
 
 log = logging.getLogger("stt_pool.decoder")
 
@@ -168,7 +153,7 @@ class Decoder:
         self.listener = listener
         self.slot = status.slots[config.index]
         self.selector = selectors.DefaultSelector()
-        self.readers: dict[socket.socket, RecordReader[ToDecoder]] = {}
+        self.readers: dict[socket.socket, wire.RecordReader[wire.ToDecoder]] = {}
         self.streams: dict[str, Stream] = {}
         self.running = True
 
@@ -202,7 +187,7 @@ class Decoder:
 
     def attach(self, peer: socket.socket) -> None:
         """Serve a Sanic worker's connection."""
-        self.readers[peer] = decoder_reader()
+        self.readers[peer] = wire.decoder_reader()
         self.selector.register(peer, selectors.EVENT_READ)
 
     def _receive(self, peer: socket.socket) -> None:
@@ -225,44 +210,44 @@ class Decoder:
             self._close(stream)
         peer.close()
 
-    def _send(self, peer: socket.socket, record: ToWorker) -> None:
+    def _send(self, peer: socket.socket, record: wire.ToWorker) -> None:
         try:
-            peer.sendall(encode(record))
+            peer.sendall(wire.encode(record))
         except OSError:
             log.info("worker connection lost while sending", extra={"decoder": self.config.index})
 
     # -- control records ------------------------------------------------------------------------
 
-    def _handle(self, peer: socket.socket, record: ToDecoder) -> None:
-        if isinstance(record, Open):
+    def _handle(self, peer: socket.socket, record: wire.ToDecoder) -> None:
+        if isinstance(record, wire.Open):
             self._open(peer, record)
             return
         stream = self.streams.get(record.stream_id)
         if stream is None:
             return  # aborted or finished already; late records are harmless
-        if isinstance(record, Data):
+        if isinstance(record, wire.Data):
             if not stream.fed and record.sample_rate != stream.sample_rate:
                 if record.sample_rate not in SAMPLE_RATES:
-                    self._send(peer, Failed(stream_id=stream.stream_id, error="unsupported sample rate"))
+                    self._send(peer, wire.Failed(stream_id=stream.stream_id, error="unsupported sample rate"))
                     self._close(stream)
                     return
                 stream.sample_rate = record.sample_rate
             stream.end = max(stream.end, record.offset + record.length)
-        elif isinstance(record, Finish):
+        elif isinstance(record, wire.Finish):
             stream.end = max(stream.end, record.end)
             stream.finishing = True
-        elif isinstance(record, Abort):
+        elif isinstance(record, wire.Abort):
             self._close(stream)
 
-    def _open(self, peer: socket.socket, record: Open) -> None:
+    def _open(self, peer: socket.socket, record: wire.Open) -> None:
         saturated = len(self.streams) >= self.config.streams_limit or self._admission_backlog_ms() >= (
             self.config.max_backlog_ms
         )
         if saturated and not record.force:
-            self._send(peer, Refused(stream_id=record.stream_id))
+            self._send(peer, wire.Refused(stream_id=record.stream_id))
             return
         if record.sample_rate not in SAMPLE_RATES:
-            self._send(peer, Failed(stream_id=record.stream_id, error="unsupported sample rate"))
+            self._send(peer, wire.Failed(stream_id=record.stream_id, error="unsupported sample rate"))
             return
         previous = self.streams.get(record.stream_id)
         if previous is not None:
@@ -271,7 +256,7 @@ class Decoder:
         try:
             reader = PcmReader(buffer_path(self.config.runtime_dir, record.stream_id))
         except OSError as error:
-            self._send(peer, Failed(stream_id=record.stream_id, error=f"buffer: {error.strerror}"))
+            self._send(peer, wire.Failed(stream_id=record.stream_id, error=f"buffer: {error.strerror}"))
             return
         self.streams[record.stream_id] = Stream(
             stream_id=record.stream_id,
@@ -282,7 +267,7 @@ class Decoder:
             end=record.end,
             finishing=record.finishing,
         )
-        self._send(peer, Opened(stream_id=record.stream_id))
+        self._send(peer, wire.Opened(stream_id=record.stream_id))
 
     # -- decoding -------------------------------------------------------------------------------
 
@@ -328,7 +313,7 @@ class Decoder:
         text = join_segments([*stream.segments, current])
         if text and text != stream.last_partial:
             stream.last_partial, stream.last_partial_at = text, now
-            self._send(stream.peer, Partial(stream_id=stream.stream_id, text=text))
+            self._send(stream.peer, wire.Partial(stream_id=stream.stream_id, text=text))
 
     def _finish(self, stream: Stream) -> None:
         if stream.end > stream.fed:
@@ -340,7 +325,7 @@ class Decoder:
         stream.finished = True
         self._send(
             stream.peer,
-            Final(stream_id=stream.stream_id, text=join_segments(stream.segments), cpu_seconds=stream.cpu_seconds),
+            wire.Final(stream_id=stream.stream_id, text=join_segments(stream.segments), cpu_seconds=stream.cpu_seconds),
         )
         self.slot.decoded_ms += stream.fed * 1000 // (2 * stream.sample_rate)
         self.slot.decode_cpu_ms += int(stream.cpu_seconds * 1000)

@@ -14,26 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from stt_pool import wire
 from stt_pool.buffers import PcmWriter
 from stt_pool.decoder import Decoder, DecoderConfig, Recognizer
 from stt_pool.interface import SAMPLE_RATES
 from stt_pool.layout import buffer_dir, buffer_path
 from stt_pool.status import PoolStatus
-from stt_pool.wire import (
-    Abort,
-    Data,
-    Failed,
-    Final,
-    Finish,
-    Open,
-    Opened,
-    Partial,
-    Refused,
-    ToDecoder,
-    ToWorker,
-    encode,
-    worker_reader,
-)
 
 RATE = 8000
 PIECE = RATE // 10 * 2  # 100 ms
@@ -108,7 +94,7 @@ class Harness:
         self.worker, decoder_end = socket.socketpair()
         self.worker.setblocking(False)
         self.decoder.attach(decoder_end)
-        self.reader = worker_reader()
+        self.reader = wire.worker_reader()
         self.buffers: dict[str, PcmWriter] = {}
         self.written: dict[str, int] = {}
 
@@ -117,16 +103,16 @@ class Harness:
         self.created.append(recognizer)
         return recognizer
 
-    def send(self, record: ToDecoder) -> None:
-        data = encode(record)
+    def send(self, record: wire.ToDecoder) -> None:
+        data = wire.encode(record)
         while data:
             try:
                 data = data[self.worker.send(data) :]
             except BlockingIOError:
                 self.decoder.step(0)  # the decoder reads what fills the socket
 
-    def received(self) -> list[ToWorker]:
-        records: list[ToWorker] = []
+    def received(self) -> list[wire.ToWorker]:
+        records: list[wire.ToWorker] = []
         while True:
             try:
                 data = self.worker.recv(65536)
@@ -134,10 +120,12 @@ class Harness:
                 return records
             records.extend(self.reader.feed(data))
 
-    def open(self, stream_id: str, rate: int = RATE, *, partials: bool = False, force: bool = False) -> ToWorker:
+    def open(self, stream_id: str, rate: int = RATE, *, partials: bool = False, force: bool = False) -> wire.ToWorker:
         self.buffers[stream_id] = PcmWriter(buffer_path(self.runtime_dir, stream_id), 120 * 48000 * 2)
         self.written[stream_id] = 0
-        self.send(Open(stream_id=stream_id, sample_rate=rate, partials=partials, end=0, finishing=False, force=force))
+        self.send(
+            wire.Open(stream_id=stream_id, sample_rate=rate, partials=partials, end=0, finishing=False, force=force)
+        )
         self.decoder.step(0)
         (reply,) = self.received()
         return reply
@@ -148,15 +136,15 @@ class Harness:
         self.buffers[stream_id].write(offset, pcm)
         for start in range(0, len(pcm), chunk or len(pcm) or 1):
             length = min(chunk or len(pcm), len(pcm) - start)
-            self.send(Data(stream_id=stream_id, sample_rate=rate, offset=offset + start, length=length))
+            self.send(wire.Data(stream_id=stream_id, sample_rate=rate, offset=offset + start, length=length))
         self.written[stream_id] = offset + len(pcm)
 
     def finish(self, stream_id: str) -> None:
-        self.send(Finish(stream_id=stream_id, end=self.written[stream_id]))
+        self.send(wire.Finish(stream_id=stream_id, end=self.written[stream_id]))
 
-    def pump(self, until: type, stream_id: str, rounds: int = 10_000) -> tuple[ToWorker, list[ToWorker]]:
+    def pump(self, until: type, stream_id: str, rounds: int = 10_000) -> tuple[wire.ToWorker, list[wire.ToWorker]]:
         """Run the loop until `stream_id` gets an `until` record; also return everything before it."""
-        seen: list[ToWorker] = []
+        seen: list[wire.ToWorker] = []
         for _ in range(rounds):
             self.decoder.step(0)
             for record in self.received():
@@ -180,53 +168,55 @@ def words(prefix: str, count: int) -> list[str]:
 
 @pytest.mark.parametrize("chunk", [PIECE * 20, PIECE, 2 * 37, 1000], ids=["2s", "100ms", "74B", "1000B"])
 def test_the_transcript_does_not_depend_on_how_the_audio_was_chunked(harness, chunk):
-    assert isinstance(harness.open("s"), Opened)
+    assert isinstance(harness.open("s"), wire.Opened)
     harness.store("s", speech(*words("w", 20)) + b"tail", chunk=chunk)
     harness.finish("s")
-    final, _ = harness.pump(Final, "s")
+    final, _ = harness.pump(wire.Final, "s")
     assert final.text == " ".join(words("w", 20)) + " tail"
 
 
 def test_a_stream_far_ahead_of_the_decoder_gets_one_piece_per_round_not_the_process(harness):
     """One client sends 60 s at once and finishes; a normal stream opened after it is still served."""
-    assert isinstance(harness.open("bulk"), Opened)
+    assert isinstance(harness.open("bulk"), wire.Opened)
     harness.store("bulk", speech(*words("b", 600)))
     harness.finish("bulk")
     harness.decoder.step(0)
-    assert isinstance(harness.open("live"), Opened)
+    assert isinstance(harness.open("live"), wire.Opened)
     harness.store("live", speech(*words("l", 10)))
     harness.finish("live")
-    final, _ = harness.pump(Final, "live")
+    final, _ = harness.pump(wire.Final, "live")
     assert final.text == " ".join(words("l", 10))
     bulk_pieces = sum(word.startswith("b") for word in harness.log)
     assert bulk_pieces <= 13, f"the bulk stream took {bulk_pieces} pieces while 10 of the live one were decoded"
-    final, _ = harness.pump(Final, "bulk")
+    final, _ = harness.pump(wire.Final, "bulk")
     assert final.text == " ".join(words("b", 600))
 
 
 def test_one_stream_far_behind_does_not_make_the_process_refuse_newcomers(harness):
-    assert isinstance(harness.open("bulk"), Opened)
+    assert isinstance(harness.open("bulk"), wire.Opened)
     harness.store("bulk", speech(*words("b", 1200)))  # 120 s, 40x the backlog limit
-    assert isinstance(harness.open("newcomer"), Opened)
+    assert isinstance(harness.open("newcomer"), wire.Opened)
 
 
 def test_several_streams_far_behind_make_the_process_refuse_new_streams(harness):
     for name in ("one", "two"):
-        assert isinstance(harness.open(name), Opened)
+        assert isinstance(harness.open(name), wire.Opened)
         harness.store(name, speech(*words(name, 300)))
-    assert isinstance(harness.open("third"), Refused)
-    assert isinstance(harness.open("replayed", force=True), Opened), "a replay after a decoder died is never refused"
+    assert isinstance(harness.open("third"), wire.Refused)
+    assert isinstance(harness.open("replayed", force=True), wire.Opened), (
+        "a replay after a decoder died is never refused"
+    )
 
 
 def test_the_stream_limit_refuses_the_next_stream(tmp_path):
     harness = Harness(tmp_path, streams_limit=2)
-    assert [type(harness.open(name)) for name in ("a", "b", "c")] == [Opened, Opened, Refused]
+    assert [type(harness.open(name)) for name in ("a", "b", "c")] == [wire.Opened, wire.Opened, wire.Refused]
 
 
 def test_an_aborted_stream_is_forgotten_and_late_records_for_it_are_harmless(harness):
-    assert isinstance(harness.open("s"), Opened)
+    assert isinstance(harness.open("s"), wire.Opened)
     harness.store("s", speech("x", "y"))
-    harness.send(Abort(stream_id="s"))
+    harness.send(wire.Abort(stream_id="s"))
     harness.store("s", speech("z"))
     harness.finish("s")
     for _ in range(5):
@@ -237,7 +227,7 @@ def test_an_aborted_stream_is_forgotten_and_late_records_for_it_are_harmless(har
 
 
 def test_a_worker_that_goes_away_takes_its_streams_with_it(harness):
-    assert isinstance(harness.open("s"), Opened)
+    assert isinstance(harness.open("s"), wire.Opened)
     harness.store("s", speech(*words("w", 50)))
     harness.worker.close()
     for _ in range(3):
@@ -246,14 +236,14 @@ def test_a_worker_that_goes_away_takes_its_streams_with_it(harness):
 
 
 def test_partials_only_for_streams_that_asked(harness):
-    assert isinstance(harness.open("quiet"), Opened)
-    assert isinstance(harness.open("captioned", partials=True), Opened)
+    assert isinstance(harness.open("quiet"), wire.Opened)
+    assert isinstance(harness.open("captioned", partials=True), wire.Opened)
     for name in ("quiet", "captioned"):
         harness.store(name, speech("hello", "there"))
         harness.finish(name)
-    final, before = harness.pump(Final, "captioned")
+    final, before = harness.pump(wire.Final, "captioned")
     assert final.text == "hello there"
-    partials = [record for record in before if isinstance(record, Partial)]
+    partials = [record for record in before if isinstance(record, wire.Partial)]
     assert partials and all(record.stream_id == "captioned" for record in partials)
     assert partials[-1].text == "hello there"
 
@@ -269,15 +259,15 @@ def test_a_reused_recogniser_decodes_the_next_stream_like_a_new_one(harness, bef
     harness.store("before", before)
     if ended_by == "finish":
         harness.finish("before")
-        harness.pump(Final, "before")
+        harness.pump(wire.Final, "before")
     else:
         for _ in range(5):
             harness.decoder.step(0)
-        harness.send(Abort(stream_id="before"))
+        harness.send(wire.Abort(stream_id="before"))
     harness.open("next")
     harness.store("next", speech("c", "d"))
     harness.finish("next")
-    final, _ = harness.pump(Final, "next")
+    final, _ = harness.pump(wire.Final, "next")
     assert final.text == "c d"
     assert len(harness.created) == 1, "the warm recogniser was reused"
 
@@ -285,10 +275,10 @@ def test_a_reused_recogniser_decodes_the_next_stream_like_a_new_one(harness, bef
 def test_warm_recognisers_are_bounded_over_all_sample_rates(harness):
     for rate in SAMPLE_RATES:
         name = f"at{rate}"
-        assert isinstance(harness.open(name, rate), Opened)
+        assert isinstance(harness.open(name, rate), wire.Opened)
         harness.store(name, speech("x", rate=rate), rate=rate)
         harness.finish(name)
-        harness.pump(Final, name)
+        harness.pump(wire.Final, name)
     assert len(harness.created) == len(SAMPLE_RATES)
     assert harness.decoder.recognizers.count() == 4  # STT_STREAMS_PER_WORKER, not one per rate
 
@@ -297,23 +287,23 @@ def test_warm_recognisers_are_bounded_over_all_sample_rates(harness):
 def test_a_sample_rate_outside_the_accepted_set_fails_the_stream(harness, where):
     reply = harness.open("s", 12345 if where == "open" else RATE)
     if where == "data":
-        assert isinstance(reply, Opened)
+        assert isinstance(reply, wire.Opened)
         harness.store("s", speech("x", rate=12000), rate=12345)
-        reply, _ = harness.pump(Failed, "s")
-    assert isinstance(reply, Failed)
+        reply, _ = harness.pump(wire.Failed, "s")
+    assert isinstance(reply, wire.Failed)
     assert "sample rate" in reply.error
     assert harness.decoder.streams == {}
 
 
 def test_a_replay_that_overtakes_the_end_of_its_old_connection_starts_the_stream_afresh(harness):
-    assert isinstance(harness.open("s"), Opened)
+    assert isinstance(harness.open("s"), wire.Opened)
     harness.store("s", speech("a", "b"))
     for _ in range(3):
         harness.decoder.step(0)
     harness.send(
-        Open(stream_id="s", sample_rate=RATE, partials=False, end=harness.written["s"], finishing=True, force=True)
+        wire.Open(stream_id="s", sample_rate=RATE, partials=False, end=harness.written["s"], finishing=True, force=True)
     )
-    final, _ = harness.pump(Final, "s")
+    final, _ = harness.pump(wire.Final, "s")
     assert final.text == "a b", "decoded once, from the start"
     assert harness.decoder.streams == {}
     assert len(harness.created) == 1, "the first attempt's warm recogniser was handed on, not leaked"
