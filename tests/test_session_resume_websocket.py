@@ -27,7 +27,7 @@ from harness.speech import deterministic_model, read_pcm
 from server.store.sqlite_store import DATABASE_NAME
 from stt_pool.status import PoolStatus
 from tests.conftest import speech
-from tests.support.resume import leave_recording_open
+from tests.support.resume import send_unfinished_recording
 
 STORES = ("sqlite", "redis")
 
@@ -47,7 +47,7 @@ async def test_a_recording_cut_by_a_drop_arrives_after_the_resume(service: Serve
         session_id = await first.start_session(scenario_description="在银行")
         await first.record(session_id, speech(0.5), "msg_001")
         # Every chunk is read before the abort, which would discard audio unread in the server's socket buffer.
-        await leave_recording_open(first, session_id, speech(1.0))
+        await send_unfinished_recording(first, session_id, speech(1.0))
         first.ws.transport.abort()  # the network goes away: no close handshake
     async with ProtocolClient(service.ws_url) as second:
         restored = await second.resume(session_id, timeout=20)
@@ -93,7 +93,7 @@ async def test_sigterm_records_the_open_recording_and_closes_with_1012(tmp_path:
     with ServerProcess(STATE_DIR=state) as server:
         async with ProtocolClient(server.ws_url) as client:
             session_id = await client.create_session()
-            await leave_recording_open(client, session_id, speech(1.0))
+            await send_unfinished_recording(client, session_id, speech(1.0))
             assert server.process is not None
             server.process.send_signal(signal.SIGTERM)
             with pytest.raises(websockets.ConnectionClosed):
@@ -168,9 +168,7 @@ async def test_pongs_behind_a_slow_transcript_do_not_close_the_connection(tmp_pa
         decoder = int(status.slots[0].pid)
         async with ProtocolClient(server.ws_url) as client:
             session_id = await client.create_session()
-            await client.open_recording(session_id)
-            await client.send_audio(session_id, read_pcm("ko_short.wav"))
-            await barrier(client)
+            await send_unfinished_recording(client, session_id, read_pcm("ko_short.wav"))
             os.kill(decoder, signal.SIGSTOP)
             try:
                 await client.send("message_end", session_id=session_id)

@@ -31,11 +31,11 @@ from tests.support.resume import (
     events_until,
     events_until_closed,
     events_within,
-    leave_recording_open,
     none_of_session,
     on_worker,
     resume,
     resume_checked,
+    send_unfinished_recording,
 )
 
 STORES = ("sqlite", "redis")
@@ -127,7 +127,7 @@ async def test_a_recording_cut_by_a_dropped_connection_is_delivered_after_the_re
         session_id = await phone.start_session(2, scenario_description=SCENARIO)
         await phone.select(session_id, "您好，医生")
         await modify(phone, session_id, "说得简短一点", 2)
-        await leave_recording_open(phone, session_id, pcm, sender="医生")
+        await send_unfinished_recording(phone, session_id, pcm, sender="医生")
         phone.drop()
     async with client_of(service) as phone:
         # The cut recording may still be in transcription when the resume arrives.
@@ -209,7 +209,7 @@ async def test_a_recording_open_at_a_takeover_is_recorded_for_the_new_connection
 ) -> None:
     async with client_of(service) as old:
         session_id = await old.create_session(3)
-        await leave_recording_open(old, session_id, pcm, sender="医生")
+        await send_unfinished_recording(old, session_id, pcm, sender="医生")
         async with on_worker(service, service.ws_url, not_pid=service.serving_pid(old.local_port)) as new:
             restored = await resume(new, session_id)
             assert restored["message_count"] in (0, 1), restored
@@ -225,7 +225,7 @@ async def test_sigterm_mid_recording_closes_with_1012_and_the_restarted_service_
     async with client_of(service) as phone:
         session_id = await phone.start_session(3, scenario_description=SCENARIO)
         await phone.select(session_id, "我最近睡不好")
-        await leave_recording_open(phone, session_id, pcm, sender="医生")
+        await send_unfinished_recording(phone, session_id, pcm, sender="医生")
         service.send_signal(signal.SIGTERM)
         try:
             before_close, code = await events_until_closed(phone)

@@ -23,10 +23,10 @@ from tests.support.nginx import Nginx, plain_site
 from tests.support.resume import (
     cut_recording_delivered,
     events_until_closed,
-    leave_recording_open,
     reconnect,
     resume,
     resume_checked,
+    send_unfinished_recording,
 )
 
 SCENARIO = "在银行柜台办业务"
@@ -83,7 +83,7 @@ async def test_the_instance_holding_the_conversation_dies_and_the_other_resumes_
 async def test_a_deploy_restart_mid_recording_is_resumed_on_the_other_instance(cluster: Cluster) -> None:
     async with ProtocolClient(cluster.url) as phone:
         session_id = await phone.start_session(3, scenario_description=SCENARIO)
-        await leave_recording_open(phone, session_id, speech(3.0), sender="柜员")
+        await send_unfinished_recording(phone, session_id, speech(3.0), sender="柜员")
         holder, other = cluster.holder()
         holder.send_signal(signal.SIGTERM)
         before_close, code = await events_until_closed(phone, 30.0)

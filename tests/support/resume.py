@@ -63,8 +63,10 @@ async def barrier(client: ProtocolClient) -> None:
     await client.expect_error("INVALID_EVENT_TYPE")
 
 
-async def leave_recording_open(client: ProtocolClient, session_id: str, pcm: bytes, *, sender: str = "对方") -> None:
-    """A recording under way when the line goes: opened, `pcm` sent, and every chunk in the server's hands."""
+async def send_unfinished_recording(
+    client: ProtocolClient, session_id: str, pcm: bytes, *, sender: str = "对方"
+) -> None:
+    """A recording under way (no message_end yet): opened, `pcm` sent, every chunk in the server's hands."""
     await client.open_recording(session_id, sender=sender)
     await client.send_audio(session_id, pcm)
     await barrier(client)
