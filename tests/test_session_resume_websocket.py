@@ -192,9 +192,7 @@ async def test_a_transcript_the_store_cannot_take_is_kept_for_the_next_message_e
     with RedisServer(password="kept-transcript-secret") as redis, ServerProcess(SESSION_STORE_URL=redis.url) as server:
         async with ProtocolClient(server.ws_url) as client:
             session_id = await client.create_session()
-            await client.open_recording(session_id)
-            await client.send_audio(session_id, speech(1.0))
-            await barrier(client)
+            await send_unfinished_recording(client, session_id, speech(1.0))
             await asyncio.to_thread(redis.stop)
             try:
                 await client.send("message_end", session_id=session_id)
@@ -215,9 +213,7 @@ async def test_a_recording_cut_by_a_drop_while_the_store_is_down_is_recorded_onc
     with RedisServer() as redis, ServerProcess(SESSION_STORE_URL=redis.url) as server:
         async with ProtocolClient(server.ws_url) as first:
             session_id = await first.create_session()
-            await first.open_recording(session_id)
-            await first.send_audio(session_id, speech(1.0))
-            await barrier(first)
+            await send_unfinished_recording(first, session_id, speech(1.0))
             await asyncio.to_thread(redis.stop)
             try:
                 first.ws.transport.abort()
