@@ -61,7 +61,7 @@ from server.protocol import (
     transcript_partial_event,
 )
 from server.recordings import Recording, Recordings
-from server.sessions import AttachedSessions, Held
+from server.sessions import AttachedSessions, Held, generation_context
 from server.store import (
     Attachment,
     SessionExpired,
@@ -422,7 +422,9 @@ class Conversation:
 
     def _generate(self, kind: Task, session: SessionState, **context: Any) -> None:
         send = self._session_sender(self._held(session))
-        self.services.generations.start(kind, session.context(**context), send, stream=session.stream_suggestions)
+        self.services.generations.start(
+            kind, generation_context(session, **context), send, stream=session.stream_suggestions
+        )
 
     # -- client events ------------------------------------------------------------------------
 

@@ -12,8 +12,10 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from llm.interface import ContextMessage, ConversationContext, PersonProfile
 from server.protocol import ErrorCode, ProtocolError
 from server.store import Attachment, SessionState
+from server.store.model import JsonObject
 
 
 @dataclass(slots=True, eq=False)
@@ -67,3 +69,38 @@ class AttachedSessions:
     def release(self, held: Held) -> bool:
         """Forget `held`; False if it was already forgotten (each release happens once)."""
         return self._held.pop((held.owner, held.session_id), None) is not None
+
+
+def generation_context(
+    session: SessionState, *, focused: tuple[str, ...] = (), opinion: str = "", request_id: str = ""
+) -> ConversationContext:
+    """What a generation is asked about: the conversation as it stands."""
+    return ConversationContext(
+        scenario_description=session.scenario_description,
+        scenario_supplement=session.scenario_supplement,
+        messages=tuple(ContextMessage(m.message_id, m.sender, m.content) for m in session.messages),
+        focused_message_ids=focused,
+        user_opinion=opinion,
+        modifications=tuple(session.modifications),
+        response_count=session.response_count,
+        user_profile=_person(session.user_profile),
+        target_profile=_person(session.target_profile),
+        session_id=session.session_id,
+        request_id=request_id,
+    )
+
+
+def _person(profile: JsonObject | None) -> PersonProfile | None:
+    # The profile as the client gave it (validated then, stored as `Profile.given()` wrote it).
+    if profile is None:
+        return None
+    return PersonProfile(
+        name=profile.get("name") or "",
+        age=profile.get("age"),
+        gender=profile.get("gender") or "",
+        relations=tuple(profile.get("relations") or ()),
+        personalities=tuple(profile.get("personalities") or ()),
+        preferences=tuple(profile.get("preferences") or ()),
+        taboos=tuple(profile.get("taboos") or ()),
+        common_topics=tuple(profile.get("common_topics") or ()),
+    )

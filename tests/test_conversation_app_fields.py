@@ -9,6 +9,7 @@ import pytest
 from config import Settings
 from harness.client import b64, details_of
 from llm.interface import PersonProfile
+from server.sessions import generation_context
 from stt_pool.errors import SttOverloaded
 from tests.conftest import speech
 from tests.support.inprocess import Connect, FakeTranscriber, InProcessClient
@@ -19,7 +20,7 @@ PROFILE_LIST_ITEMS = Settings.model_fields["max_list_items"].default
 
 def context_of(client: InProcessClient, session_id: str) -> Any:
     conversation = client.conversation
-    return conversation.services.sessions.get(session_id, conversation.connection_id).context()
+    return generation_context(conversation.services.sessions.get(session_id, conversation.connection_id))
 
 
 async def test_history_may_hold_a_silent_message_and_keeps_the_clients_ids(connect: Connect) -> None:

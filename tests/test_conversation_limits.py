@@ -14,6 +14,7 @@ import pytest
 
 from harness.client import b64, details_of
 from server.conversation import Services
+from server.sessions import generation_context
 from tests.conftest import speech
 from tests.support.inprocess import Connect, FakeTranscriber, build_services, connector, settings_with
 
@@ -120,7 +121,9 @@ async def test_a_session_holds_at_most_max_messages_and_refuses_more_without_los
         await client.send_audio(session_id, speech(1.0))  # the app streams on: dropped silently
         await client.send("message_end", session_id=session_id)
         await client.expect_silence(0.1)
-        context = client.conversation.services.sessions.get(session_id, client.conversation.connection_id).context()
+        context = generation_context(
+            client.conversation.services.sessions.get(session_id, client.conversation.connection_id)
+        )
         assert [message.message_id for message in context.messages] == ["h0", "h1", "msg_003", "usr_004"]
 
 
@@ -132,7 +135,9 @@ async def test_modifications_are_bounded_per_session(limited: Connect) -> None:
         await client.send("user_modification", session_id=session_id, modification="更幽默")
         error = await client.expect_error("INVALID_EVENT_DATA", session_id)
         assert details_of(error) == {"field": "modifications", "limit": "2"}
-        context = client.conversation.services.sessions.get(session_id, client.conversation.connection_id).context()
+        context = generation_context(
+            client.conversation.services.sessions.get(session_id, client.conversation.connection_id)
+        )
         assert context.modifications == ("更礼貌", "更简短")
 
 

@@ -1,7 +1,7 @@
 """What the store keeps: a session as plain JSON-ready data, and the handle of an attached connection.
 
 `SessionState` is the one model of a conversation: the store keeps it, a worker caches it for the
-connections attached to it (server/sessions.py), and a generation is asked about its `context()`.
+connections attached to it, and a generation is asked about it (`generation_context` in server/sessions.py).
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
-
-from llm.interface import ContextMessage, ConversationContext, PersonProfile
 
 # A server event as it goes over the wire ({"type": ..., "data": {...}}); the store only keeps it.
 Event = dict[str, Any]
@@ -103,22 +101,6 @@ class SessionState:
     def has_context(self) -> bool:
         return bool(self.messages or self.scenario_description)
 
-    def context(self, *, focused: tuple[str, ...] = (), opinion: str = "", request_id: str = "") -> ConversationContext:
-        """What a generation is asked about: the conversation as it stands."""
-        return ConversationContext(
-            scenario_description=self.scenario_description,
-            scenario_supplement=self.scenario_supplement,
-            messages=tuple(ContextMessage(m.message_id, m.sender, m.content) for m in self.messages),
-            focused_message_ids=focused,
-            user_opinion=opinion,
-            modifications=tuple(self.modifications),
-            response_count=self.response_count,
-            user_profile=_person(self.user_profile),
-            target_profile=_person(self.target_profile),
-            session_id=self.session_id,
-            request_id=request_id,
-        )
-
     def to_dict(self) -> JsonObject:
         return {**self.fields_dict(), "messages": [message.to_dict() for message in self.messages]}
 
@@ -156,22 +138,6 @@ class SessionState:
             created_at=float(data["created_at"]),
             last_activity=float(data["last_activity"]),
         )
-
-
-def _person(profile: JsonObject | None) -> PersonProfile | None:
-    # The profile as the client gave it (validated then, stored as `Profile.given()` wrote it).
-    if profile is None:
-        return None
-    return PersonProfile(
-        name=profile.get("name") or "",
-        age=profile.get("age"),
-        gender=profile.get("gender") or "",
-        relations=tuple(profile.get("relations") or ()),
-        personalities=tuple(profile.get("personalities") or ()),
-        preferences=tuple(profile.get("preferences") or ()),
-        taboos=tuple(profile.get("taboos") or ()),
-        common_topics=tuple(profile.get("common_topics") or ()),
-    )
 
 
 @dataclass(slots=True, eq=False)
