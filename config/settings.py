@@ -70,8 +70,10 @@ class Settings(BaseSettings):
     speculative_replies: bool = True
     # Send `opinion_prediction_response` after every `user_selected_response`, to every client.
     opinion_prediction: bool = False
-    # Latency of the mock provider, so front-end developers can see the loading states without a key.
-    mock_llm_delay_ms: int = Field(0, ge=0, le=600_000)
+    # Latency of the mock provider: about what a real provider takes for a short answer, so the mock
+    # behaves like the real thing (loading states show; a message_start right after conversation_start
+    # cancels the opinions, as clients written against a real provider expect). The tests set 0.
+    mock_llm_delay_ms: int = Field(2000, ge=0, le=600_000)
 
     # Speech recognition.
     vosk_model_path: Path = PROJECT_ROOT / "model" / "vosk-model"

@@ -62,12 +62,16 @@ class ServerProcess:
             "LOG_FORMAT": "json",
             "LOG_LEVEL": "INFO",
             "STT_WORKERS": "1",
+            # The mock provider answers at once unless a test asks for latency (None: the service's default).
+            "MOCK_LLM_DELAY_MS": "0",
         }
         self.env.pop("OPENROUTER_API_KEY", None)
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.env.pop("SESSION_STORE_URL", None)
         self.env.pop("STATE_DIRECTORY", None)
-        self.env.update({key: str(value) for key, value in env.items()})
+        self.env.update({key: str(value) for key, value in env.items() if value is not None})
+        for unset in [key for key, value in env.items() if value is None]:
+            self.env.pop(unset, None)
         self.wait_for_stt = wait_for_stt
         self.process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0

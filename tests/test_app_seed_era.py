@@ -9,6 +9,9 @@ Event shapes and order are that app's (../shared/CLIENTS.md, "seed-era"): histor
 
 from __future__ import annotations
 
+import asyncio
+
+from harness.client import b64
 from harness.fake_openrouter import FakeOpenRouter, Reply
 from harness.server import ServerProcess
 from harness.speech import read_pcm
@@ -132,3 +135,35 @@ async def test_every_error_the_app_can_trigger_is_an_event_it_can_read(
         await app.read("profile_archive")
         await app.send("user_selected_response", session_id=session_id, selected_content="好的", sender="我")
         await app.read_error("SESSION_EXPIRED")
+
+
+async def test_upstreams_seed_era_test_client_flow_passes_against_the_default_mock() -> None:
+    """Upstream's seed-era test client (tests/backend/test_audio_stream_fix.py) against `make run`'s
+    defaults (no key, no model: the mock engines): it reads exactly one event per step, waits 1 s
+    between steps, sends 1 KB chunks of zeros. Its `conversation_start` has a scenario, so opinions
+    are generated at once; they took a real provider more than that second, and its next read
+    after `message_start` must be `recording_message`. The mock takes as long as a provider does
+    (MOCK_LLM_DELAY_MS default), so that `message_start` cancels them, as it did upstream."""
+    with ServerProcess(MOCK_LLM_DELAY_MS=None) as server:
+        async with AppClient(server.ws_url) as client:
+            await client.send("conversation_start", scenario_description="测试音频流处理修复", response_count=3)
+            session_id = await client.read_session_created()
+            await asyncio.sleep(1)
+            await client.send("message_start", session_id=session_id, sender="test_user")
+            await client.read_status("recording_message")
+            await asyncio.sleep(1)
+            for _ in range(3):
+                await client.send("audio_stream", session_id=session_id, audio_chunk=b64(bytes(1024)))
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1)
+            await client.send("message_end", session_id=session_id)
+            await client.read_status("processing_stt")
+            recorded = await read_recorded(client)
+            assert recorded["content"] == "" and recorded["sender"] == "test_user"
+            await client.read_status("generating_opinions")
+            await asyncio.sleep(1)
+            await client.send("conversation_end", session_id=session_id)
+            # It reads nothing more; the end cancelled the opinions of its message (still generating).
+            archive = await client.read("profile_archive")
+            assert archive["session_id"] == session_id
+            await client.expect_silence(0.5)
