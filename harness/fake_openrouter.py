@@ -171,6 +171,11 @@ class FakeOpenRouter:
         with self._lock:
             return list(self._requests)
 
+    def prompts(self, task: str, containing: str) -> list[str]:
+        """The prompts of `task` requests that contain `containing` (a test's own scenario, say), in order:
+        a request an earlier test cancelled may still arrive after a `reset`."""
+        return [request.prompt for request in self.requests if request.task == task and containing in request.prompt]
+
     def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[RecordedRequest]:
         with self._lock:
             if not self._lock.wait_for(lambda: len(self._requests) >= count, timeout):

@@ -95,8 +95,8 @@ async def test_a_whole_conversation(app_server: ServerProcess, fake_provider: Fa
         await app.expect_silence(0.5)
     # The empty corpus is answered from the replies prepared with the first keywords (SPECULATIVE_REPLIES), or,
     # when it arrives before they are written, also asked of the provider, racing them: at most one such call.
-    speculative = [request.prompt for request in fake_provider.requests if request.task == "opinions_with_replies"]
-    prompts = [request.prompt for request in fake_provider.requests if request.task == "replies"]
+    speculative = fake_provider.prompts("opinions_with_replies", containing="社区医院复诊")
+    prompts = fake_provider.prompts("replies", containing="社区医院复诊")
     assert "【用户的观点】（无）" in speculative[0], "an empty user_corpus is no opinion"
     typed = [prompt for prompt in prompts if "想问能不能换一种药" in prompt]
     assert len(typed) == 2, "user_corpus reaches the prompt, and stays the opinion for the modification"

@@ -76,7 +76,7 @@ async def test_a_whole_conversation(app_server: ServerProcess, fake_provider: Fa
         archive = await app.read("profile_archive")  # an event type this app ignores
         assert archive == {"session_id": session_id, "user_profile": None, "target_profile": None}
         await app.expect_silence(0.5)
-    prompts = [request.prompt for request in fake_provider.requests if request.task == "replies"]
+    prompts = fake_provider.prompts("replies", containing="在商场买耳机")
     assert "想要降噪的" in prompts[0], "user_opinion reaches the prompt"
     assert f"[msg_003] 店员：{recorded['content']} ★重点" in prompts[0]
     assert "预算三百元以内" in prompts[1] and "说得更简短" in prompts[1]
