@@ -37,6 +37,8 @@ from stt_pool.layout import POOL_PROCESS_NAME
 log = logging.getLogger("server.app")
 
 APP_NAME = "ai_dialogue_backend"
+# How long a worker waits for the main process's SIGTERM after asking it to stop the service.
+FATAL_STOP_GRACE = 1.0
 App = Sanic[Any, Any]
 
 
@@ -91,7 +93,7 @@ def _register_listeners(app: App, settings: Settings) -> None:
 
     @app.before_server_start
     async def start_engines(app: App) -> None:
-        transcriber = build_transcriber(settings, on_fatal=lambda error: app.m.terminate())
+        transcriber = build_transcriber(settings, on_fatal=lambda error: _stop_the_service(app))
         provider = build_provider(settings)
         store = build_session_store(settings)
         # StoreUnavailable stops the worker; `python -m server` checked the store with one clear line first.
@@ -280,6 +282,25 @@ def _register_routes(app: App) -> None:
             closing.add(cleanup)
             cleanup.add_done_callback(closing.discard)
             await asyncio.shield(cleanup)
+
+
+def _stop_the_service(app: App) -> None:
+    """The STT pool failed for good: ask the main process to stop the whole service (exit code 3).
+
+    The main process answers with a SIGTERM to every worker. One that lands while this worker is
+    still starting is lost (Sanic stops the loop of its start-up, then serves on), and the service
+    stayed up some 30 s more until Sanic's stop timeout killed the worker. So the worker also stops
+    itself a moment later, unless it is already stopping.
+    """
+    app.m.terminate()
+
+    async def stop_unless_stopping() -> None:
+        await asyncio.sleep(FATAL_STOP_GRACE)
+        if not getattr(app.ctx, "stopping", False):
+            log.warning("the stop request was lost while the worker started; stopping it")
+            app.stop(terminate=False)
+
+    app.ctx.fatal_stop = asyncio.get_running_loop().create_task(stop_unless_stopping(), name="stop-the-service")
 
 
 async def _closed(app: App, conv: Conversation) -> None:

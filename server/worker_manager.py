@@ -94,6 +94,8 @@ def _shutdown(self: Any) -> None:
     deadline = time.monotonic() + SERVER_STOP_WAIT
     while any(process.is_alive() for process in servers) and time.monotonic() < deadline:
         time.sleep(0.05)
+    if stuck := [process.name for process in servers if process.is_alive()]:
+        log.warning("Sanic workers still running %.0f s after SIGTERM: %s", SERVER_STOP_WAIT, ", ".join(stuck))
     _sanic_shutdown(self)  # the STT pool, and any worker still alive
 
 
