@@ -45,7 +45,8 @@ async def test_manual_generate_returns_the_providers_suggestions(service: Server
         )
         await _manual_generate(client, session_id, focused_message_ids=["h1"], user_opinion="想吃辣的")
         data = await client.expect("llm_response", timeout=WAIT, session_id=session_id)
-    [request] = [request for request in fake.requests if request.task == "replies"]
+    # This conversation's request (an earlier test's cancelled one may reach the shared fake late).
+    [request] = [request for request in fake.requests if request.task == "replies" and "在餐厅点菜" in request.prompt]
     assert data["suggestions"] == json.loads(request.answer)["suggestions"]
     assert len(data["suggestions"]) == 4
     assert request.headers["authorization"] == f"Bearer {KEY}"
